@@ -1,0 +1,262 @@
+"""Ghost modules (Han et al., "GhostNet: More Features from Cheap Operations", CVPR 2020)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .record import StructureRecordMixin, register_kind
+from .squeeze_excite import SqueezeExcite
+
+__all__ = ["GhostConv2d", "GhostBottleneck"]
+
+LayerFactory = Callable[[int], nn.Module]
+
+
+def _layer_name(factory: LayerFactory | type[nn.Module] | None) -> str | None:
+    if factory is None:
+        return None
+    name = getattr(factory, "__name__", None)
+    if name is None or getattr(nn, name, None) is not factory:
+        raise ValueError(
+            f"GhostConv2d: norm_layer/act_layer must be a torch.nn class (e.g. nn.BatchNorm2d, nn.ReLU) so the "
+            f"module can describe itself in checkpoints, got {factory!r}"
+        )
+    return name
+
+
+def _make_activation(act_layer: type[nn.Module]) -> nn.Module:
+    try:
+        return act_layer(inplace=True)
+    except TypeError:
+        return act_layer()
+
+
+@register_kind
+class GhostConv2d(StructureRecordMixin, nn.Module):
+    """Ghost module: a primary conv makes ``m = ceil(out / ratio)`` intrinsic maps, a depthwise
+    ``dw_size`` conv makes ``m·(ratio-1)`` ghosts from them, and ``out_channels`` of the
+    concatenation are kept.
+
+    From Han et al., "GhostNet: More Features from Cheap Operations", CVPR 2020. Without
+    ``norm_layer``/``act_layer`` it is a conv-only drop-in for ``nn.Conv2d``: the host network's
+    BatchNorm and activation stay outside (converting a conv that BN+ReLU already follow must
+    not add a second BN+ReLU). GhostNet blocks pass ``norm_layer=nn.BatchNorm2d`` and
+    ``act_layer=nn.ReLU``, applied after both the primary and the cheap conv.
+
+    Ghost channel ``t`` (of the cheap conv's output) is made from intrinsic ``t // (ratio-1)``.
+    The optional ``output_index`` buffer says which of the ``m·ratio`` concatenated channels
+    feeds each output channel (weight inheritance keeps the original conv's channel order with
+    it); when it is the plain "first ``out_channels``" it is not stored and costs nothing.
+
+    Example::
+
+        >>> ghost = GhostConv2d(64, 128, 3, padding=1, ratio=2, dw_size=3)
+        >>> ghost(torch.randn(1, 64, 16, 16)).shape
+        torch.Size([1, 128, 16, 16])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: str | int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = False,
+        ratio: int = 2,
+        dw_size: int = 3,
+        padding_mode: str = "zeros",
+        norm_layer: type[nn.Module] | None = None,
+        act_layer: type[nn.Module] | None = None,
+        permuted: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GhostConv2d: {name} must be a positive int, got {value!r}")
+        if not isinstance(ratio, int) or isinstance(ratio, bool) or ratio < 2:
+            raise ValueError(f"GhostConv2d: ratio={ratio!r} is out of range; valid range is an int >= 2")
+        if not isinstance(dw_size, int) or isinstance(dw_size, bool) or dw_size < 1 or dw_size % 2 == 0:
+            raise ValueError(f"GhostConv2d: dw_size={dw_size!r} is out of range; valid values are odd ints >= 1")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.ratio, self.dw_size = ratio, dw_size
+        self.norm_name, self.act_name = _layer_name(norm_layer), _layer_name(act_layer)
+        self.intrinsic_channels = math.ceil(out_channels / ratio)
+        factory = {"device": device, "dtype": dtype}
+        m = self.intrinsic_channels
+        primary: list[nn.Module] = [
+            nn.Conv2d(in_channels, m, kernel_size, stride, padding, dilation, 1, bias, padding_mode, **factory)
+        ]
+        cheap: list[nn.Module] = [nn.Conv2d(m, m * (ratio - 1), dw_size, 1, dw_size // 2, 1, m, bias, **factory)]
+        if norm_layer is not None:
+            primary.append(norm_layer(m, **factory))
+            cheap.append(norm_layer(m * (ratio - 1), **factory))
+        if act_layer is not None:
+            primary.append(_make_activation(act_layer))
+            cheap.append(_make_activation(act_layer))
+        self.primary_conv = primary[0] if len(primary) == 1 else nn.Sequential(*primary)
+        self.cheap_operation = cheap[0] if len(cheap) == 1 else nn.Sequential(*cheap)
+        self.output_index: Tensor | None
+        if permuted:
+            self.register_buffer("output_index", torch.arange(out_channels, device=device))
+        else:
+            self.output_index = None
+
+    @property
+    def primary(self) -> nn.Conv2d:
+        """The primary ``nn.Conv2d`` (inside ``primary_conv`` when a norm or activation follows it)."""
+        return self.primary_conv if isinstance(self.primary_conv, nn.Conv2d) else self.primary_conv[0]
+
+    @property
+    def cheap(self) -> nn.Conv2d:
+        """The depthwise ``nn.Conv2d`` that makes the ghosts."""
+        return self.cheap_operation if isinstance(self.cheap_operation, nn.Conv2d) else self.cheap_operation[0]
+
+    def set_output_index(self, index: Sequence[int] | Tensor | None) -> None:
+        """Set which concatenated channel feeds each output channel (``None`` or the identity: the first
+        ``out_channels``). Indices must be distinct and below ``ratio · ceil(out / ratio)``."""
+        total = self.intrinsic_channels * self.ratio
+        if index is not None:
+            index = torch.as_tensor(index, dtype=torch.long, device=self.primary.weight.device)
+            if index.shape != (self.out_channels,) or index.unique().numel() != self.out_channels:
+                raise ValueError(f"GhostConv2d: output_index must hold {self.out_channels} distinct indices")
+            if int(index.min()) < 0 or int(index.max()) >= total:
+                raise ValueError(f"GhostConv2d: output_index values must lie in 0..{total - 1}")
+            if torch.equal(index.cpu(), torch.arange(self.out_channels)):
+                index = None
+        if "output_index" in self._buffers:
+            del self._buffers["output_index"]
+        if index is None:
+            self.output_index = None
+        else:
+            self.register_buffer("output_index", index)
+
+    def config(self) -> dict[str, Any]:
+        conv = self.primary
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": conv.kernel_size,
+            "stride": conv.stride,
+            "padding": conv.padding,
+            "dilation": conv.dilation,
+            "bias": conv.bias is not None,
+            "ratio": self.ratio,
+            "dw_size": self.dw_size,
+            "padding_mode": conv.padding_mode,
+            "norm_layer": self.norm_name,
+            "act_layer": self.act_name,
+            "permuted": self.output_index is not None,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict) -> GhostConv2d:
+        kwargs = {
+            k: (tuple(v) if isinstance(v, list) else v) for k, v in record.items() if k not in ("kind", "version")
+        }
+        for key in ("norm_layer", "act_layer"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = getattr(nn, kwargs[key])
+        return cls(**kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        intrinsic = self.primary_conv(x)
+        out = torch.cat([intrinsic, self.cheap_operation(intrinsic)], dim=1)
+        if self.output_index is not None:
+            return out.index_select(1, self.output_index)
+        if out.shape[1] != self.out_channels:
+            out = out[:, : self.out_channels]
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, ratio={self.ratio}, dw_size={self.dw_size}, "
+            f"intrinsic_channels={self.intrinsic_channels}, permuted={self.output_index is not None}"
+        )
+
+
+class GhostBottleneck(nn.Module):
+    """GhostNet bottleneck: Ghost expansion (BN+ReLU), optional strided depthwise conv, optional SE,
+    Ghost projection (BN, no activation), plus a shortcut.
+
+    From Han et al., CVPR 2020 (Fig. 3); the layout follows the paper's released code, whose
+    parameter and MAC counts REFERENCES.md lists (GhostNet 1.0x: 5.2M / 141M at 224x224).
+
+    Example::
+
+        >>> block = GhostBottleneck(16, 48, 24, dw_kernel_size=3, stride=2, se_ratio=0.25)
+        >>> block(torch.randn(1, 16, 32, 32)).shape
+        torch.Size([1, 24, 16, 16])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        mid_channels: int,
+        out_channels: int,
+        dw_kernel_size: int = 3,
+        stride: int = 1,
+        se_ratio: float = 0.0,
+        act_layer: type[nn.Module] = nn.ReLU,
+    ) -> None:
+        super().__init__()
+        if stride not in (1, 2):
+            raise ValueError(f"GhostBottleneck: stride={stride} is out of range; valid values are 1 and 2")
+        if not 0.0 <= se_ratio <= 1.0:
+            raise ValueError(f"GhostBottleneck: se_ratio={se_ratio} is out of range; valid range is [0, 1]")
+        self.stride = stride
+        self.ghost1 = GhostConv2d(in_channels, mid_channels, 1, norm_layer=nn.BatchNorm2d, act_layer=act_layer)
+        if stride > 1:
+            self.conv_dw = nn.Conv2d(
+                mid_channels,
+                mid_channels,
+                dw_kernel_size,
+                stride,
+                (dw_kernel_size - 1) // 2,
+                groups=mid_channels,
+                bias=False,
+            )
+            self.bn_dw = nn.BatchNorm2d(mid_channels)
+        else:
+            self.conv_dw = None
+            self.bn_dw = None
+        self.se = (
+            SqueezeExcite(mid_channels, se_ratio=se_ratio, divisor=4, gate_layer=nn.Hardsigmoid)
+            if se_ratio > 0
+            else None
+        )
+        self.ghost2 = GhostConv2d(mid_channels, out_channels, 1, norm_layer=nn.BatchNorm2d)
+        if in_channels == out_channels and stride == 1:
+            self.shortcut = nn.Identity()
+        else:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(
+                    in_channels,
+                    in_channels,
+                    dw_kernel_size,
+                    stride,
+                    (dw_kernel_size - 1) // 2,
+                    groups=in_channels,
+                    bias=False,
+                ),
+                nn.BatchNorm2d(in_channels),
+                nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        residual = self.shortcut(x)
+        x = self.ghost1(x)
+        if self.conv_dw is not None:
+            x = self.bn_dw(self.conv_dw(x))
+        if self.se is not None:
+            x = self.se(x)
+        return self.ghost2(x) + residual

@@ -1,0 +1,92 @@
+"""Structure records: every cheap module describes itself in its state dict (``_extra_state``).
+
+A record is a dict of primitives (so checkpoints load with ``weights_only=True``) holding the
+module's ``kind``, a ``version`` and its full configuration. :func:`lightning_cheapconv.restructure`
+reads records from a state dict and rebuilds the modules they describe with :func:`build_from_record`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+__all__ = ["StructureRecordMixin", "register_kind", "build_from_record", "registered_kinds"]
+
+_KINDS: dict[str, type[StructureRecordMixin]] = {}
+
+
+def register_kind(cls: type[StructureRecordMixin]) -> type[StructureRecordMixin]:
+    """Class decorator: make ``cls`` rebuildable from its record by :func:`build_from_record`."""
+    _KINDS[cls.__name__] = cls
+    return cls
+
+
+def registered_kinds() -> tuple[str, ...]:
+    return tuple(sorted(_KINDS))
+
+
+def _normalize(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_normalize(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _normalize(v) for k, v in value.items()}
+    return value
+
+
+def records_equal(a: dict, b: dict) -> bool:
+    """Equality that treats tuples and lists alike (serializers may turn one into the other)."""
+    return _normalize(a) == _normalize(b)
+
+
+def build_from_record(record: dict, where: str = "module") -> nn.Module:
+    """Build an (uninitialized) module from its structure record.
+
+    Raises:
+        ValueError: if the record is not a dict, names an unknown kind, or a newer version.
+    """
+    if not isinstance(record, dict) or "kind" not in record:
+        raise ValueError(f"{where}: expected a structure record (a dict with 'kind'), got {record!r}")
+    kind = record["kind"]
+    cls = _KINDS.get(kind)
+    if cls is None:
+        raise ValueError(f"{where}: unknown structure kind {kind!r}; known kinds are {registered_kinds()}")
+    if record.get("version", 0) > cls.record_version:
+        raise ValueError(
+            f"{where}: {kind} record version {record.get('version')} is newer than this library's "
+            f"({cls.record_version}); upgrade lightning-cheapconv"
+        )
+    return cls.from_record(record)
+
+
+class StructureRecordMixin:
+    """Adds ``get_extra_state``/``set_extra_state`` that save and check the module's structure record.
+
+    Subclasses implement :meth:`config` (constructor keyword arguments, primitives only) and may
+    override :meth:`from_record`.
+    """
+
+    record_version = 1
+
+    def config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def structure_record(self) -> dict[str, Any]:
+        return {"kind": type(self).__name__, "version": self.record_version, **self.config()}
+
+    @classmethod
+    def from_record(cls, record: dict) -> nn.Module:
+        kwargs = {
+            k: (tuple(v) if isinstance(v, list) else v) for k, v in record.items() if k not in ("kind", "version")
+        }
+        return cls(**kwargs)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return self.structure_record()
+
+    def set_extra_state(self, state: Any) -> None:
+        if not isinstance(state, dict) or not records_equal(state, self.structure_record()):
+            raise ValueError(
+                f"structure record {state!r} does not match this {type(self).__name__} "
+                f"({self.structure_record()!r}); call lightning_cheapconv.restructure(model, state_dict) before loading"
+            )

@@ -1,0 +1,375 @@
+"""Structured convolutions in decomposed form: sum-pooling, then a smaller layer.
+
+Bhalgat et al., "Structured Convolutions for Efficient Neural Network Design", NeurIPS 2020
+(arXiv 2008.02454). A conv whose kernels are structured with hidden sizes ``(c, n_h, n_w)``
+equals a stride-1 sum-pool with window ``(C - c + 1, N_h - n_h + 1, N_w - n_w + 1)`` over
+(channels per group, H, W) of the *padded* input, followed by a ``(c, n_h, n_w)`` conv with the
+original stride and dilation and no padding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..structure import StructureSpec, from_alpha, to_alpha
+from .functional import window_sum, window_sum_additions
+from .record import StructureRecordMixin, register_kind
+
+__all__ = ["StructuredConv2d", "StructuredLinear"]
+
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
+        raise ValueError(f"StructuredConv2d: {name} must be an int or a pair of ints, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def _explicit_padding(
+    padding: str | int | Sequence[int], kernel: tuple[int, int], dilation: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """``(left, right, top, bottom)`` as :func:`torch.nn.functional.pad` takes it; ``'same'`` puts the odd
+    pixel on the right/bottom, as PyTorch's own ``padding='same'`` does."""
+    if padding == "valid":
+        return (0, 0, 0, 0)
+    if padding == "same":
+        total_h, total_w = (d * (k - 1) for d, k in zip(dilation, kernel, strict=True))
+        return (total_w // 2, total_w - total_w // 2, total_h // 2, total_h - total_h // 2)
+    pad_h, pad_w = _pair(padding, "padding")  # type: ignore[arg-type]
+    return (pad_w, pad_w, pad_h, pad_h)
+
+
+@register_kind
+class StructuredConv2d(StructureRecordMixin, nn.Module):
+    """Decomposed structured convolution: sum-pool over (channels per group, H, W), then a small conv.
+
+    From Bhalgat et al., NeurIPS 2020 (arXiv 2008.02454). It computes exactly what an
+    ``nn.Conv2d`` with the structured kernel ``W = A·alpha`` computes (see :meth:`to_dense`),
+    with ``O·c·n_h·n_w`` instead of ``O·C·N_h·N_w`` multiplications per output position. The
+    sum-pool's additions are shared by all output channels (:meth:`pooling_additions`).
+
+    Args mirror ``nn.Conv2d``; ``hidden_channels`` is ``c`` per group (default ``C``: spatial
+    structure only) and ``hidden_kernel_size`` is ``(n_h, n_w)`` (default ``k - 1``, at least 1).
+    Padding modes other than ``'zeros'`` pad explicitly before pooling.
+
+    Example::
+
+        >>> conv = nn.Conv2d(64, 64, 3, padding=1)
+        >>> layer = StructuredConv2d.from_dense(conv, hidden_channels=32, hidden_kernel_size=2)
+        >>> layer(torch.randn(1, 64, 8, 8)).shape
+        torch.Size([1, 64, 8, 8])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: str | int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        hidden_channels: int | None = None,
+        hidden_kernel_size: int | tuple[int, int] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.dilation = _pair(dilation, "dilation")
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"StructuredConv2d: {name} must be a positive int, got {value!r}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"StructuredConv2d: in_channels={in_channels} and out_channels={out_channels} "
+                f"must both be divisible by groups={groups}"
+            )
+        if min(self.kernel_size + self.stride + self.dilation) < 1:
+            raise ValueError("StructuredConv2d: kernel_size, stride and dilation must be >= 1")
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(f"StructuredConv2d: padding_mode={padding_mode!r}; valid modes are {_PADDING_MODES}")
+        if padding == "same" and self.stride != (1, 1):
+            raise ValueError("StructuredConv2d: padding='same' needs stride 1, as for nn.Conv2d")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.padding = padding if isinstance(padding, str) else _pair(padding, "padding")
+        self.padding_mode = padding_mode
+        self._pad = _explicit_padding(self.padding, self.kernel_size, self.dilation)
+
+        channels_per_group = in_channels // groups
+        if hidden_channels is None:
+            hidden_channels = channels_per_group
+        if hidden_kernel_size is None:
+            hidden_kernel_size = tuple(max(1, k - 1) for k in self.kernel_size)
+        self.spec = StructureSpec(hidden_channels, hidden_kernel_size)
+        self.spec.validate((channels_per_group, *self.kernel_size), layer="StructuredConv2d")
+        self.hidden_channels = hidden_channels
+        self.hidden_kernel_size = self.spec.kernel_size
+
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_channels, hidden_channels, *self.hidden_kernel_size, **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.reset_parameters()
+
+    # The pooling windows: (channels, H, W).
+    @property
+    def windows(self) -> tuple[int, int, int]:
+        (k_h, k_w), (n_h, n_w) = self.kernel_size, self.hidden_kernel_size
+        return (self.in_channels // self.groups - self.hidden_channels + 1, k_h - n_h + 1, k_w - n_w + 1)
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight[0].numel()
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": self.kernel_size,
+            "stride": self.stride,
+            "padding": self.padding,
+            "dilation": self.dilation,
+            "groups": self.groups,
+            "bias": self.bias is not None,
+            "padding_mode": self.padding_mode,
+            "hidden_channels": self.hidden_channels,
+            "hidden_kernel_size": self.hidden_kernel_size,
+        }
+
+    def pool(self, x: Tensor) -> Tensor:
+        """The sum-pooling stage: channel windows per group, explicit padding, then H and W windows."""
+        window_c, window_h, window_w = self.windows
+        in_dtype = x.dtype
+        if window_c > 1:
+            if self.groups > 1:
+                x = window_sum(x.unflatten(1, (self.groups, -1)), 2, window_c).flatten(1, 2)
+            else:
+                x = window_sum(x, 1, window_c)
+        # Padding acts on each channel alike, so it commutes with channel pooling; pad the smaller tensor.
+        if any(self._pad):
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, self._pad, mode=mode)
+        if window_h > 1:
+            x = window_sum(x, 2, window_h, self.dilation[0])
+        if window_w > 1:
+            x = window_sum(x, 3, window_w, self.dilation[1])
+        return x.to(in_dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(self.pool(x), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+    def pooling_additions(self, input_shape: Sequence[int]) -> int:
+        """Additions of the sum-pool for an input of shape ``(B, C, H, W)`` (not counted by FLOP counters)."""
+        batch, _, height, width = input_shape
+        window_c, window_h, window_w = self.windows
+        per_group = self.in_channels // self.groups
+        adds = window_sum_additions(per_group, window_c, others=batch * self.groups * height * width)
+        left, right, top, bottom = self._pad
+        channels, height, width = self.groups * self.hidden_channels, height + top + bottom, width + left + right
+        adds += window_sum_additions(height, window_h, self.dilation[0], others=batch * channels * width)
+        height -= self.dilation[0] * (window_h - 1)
+        adds += window_sum_additions(width, window_w, self.dilation[1], others=batch * channels * height)
+        return adds
+
+    @classmethod
+    def from_dense(
+        cls,
+        conv: nn.Conv2d,
+        hidden_channels: int | None = None,
+        hidden_kernel_size: int | tuple[int, int] | None = None,
+    ) -> StructuredConv2d:
+        """Project ``conv``'s kernel onto the structured subspace and return the decomposed layer.
+
+        The result equals ``conv`` with its weight replaced by the projected kernel (exactly, up to
+        float rounding); how far the weight moved is :func:`~lightning_cheapconv.structure.structural_residual`.
+        """
+        if not isinstance(conv, nn.Conv2d) or isinstance(conv, nn.modules.lazy.LazyModuleMixin):
+            raise ValueError(f"StructuredConv2d.from_dense expects an initialized nn.Conv2d, got {type(conv).__name__}")
+        weight = conv.weight
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            hidden_channels=hidden_channels,
+            hidden_kernel_size=hidden_kernel_size,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(to_alpha(weight.detach().double(), layer.spec))
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        return layer
+
+    def dense_weight(self) -> Tensor:
+        """The equivalent dense kernel ``W = A·alpha`` of shape ``(O, C/groups, k_h, k_w)`` (differentiable)."""
+        return from_alpha(self.weight, (self.in_channels // self.groups, *self.kernel_size))
+
+    def to_dense(self) -> nn.Conv2d:
+        """Fold back into an equivalent ``nn.Conv2d`` (same configuration, kernel ``A·alpha``)."""
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=self.bias is not None,
+            padding_mode=self.padding_mode,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+        with torch.no_grad():
+            alpha = self.weight.detach().double()
+            conv.weight.copy_(from_alpha(alpha, (self.in_channels // self.groups, *self.kernel_size)))
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if self.padding not in ((0, 0), "valid"):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        return s + f", hidden_channels={self.hidden_channels}, hidden_kernel_size={self.hidden_kernel_size}"
+
+
+@register_kind
+class StructuredLinear(StructureRecordMixin, nn.Module):
+    """Decomposed structured Linear layer: a 1-D sum-pool over input features, then ``Linear(c -> out)``.
+
+    From Bhalgat et al., NeurIPS 2020 (arXiv 2008.02454): the Linear case of a structured kernel
+    (C = in_features, N = 1). Equals ``nn.Linear`` with weight ``A_C·alpha`` (see :meth:`to_dense`).
+
+    Example::
+
+        >>> fc = nn.Linear(512, 10)
+        >>> layer = StructuredLinear.from_dense(fc, hidden_features=256)
+        >>> layer(torch.randn(4, 512)).shape
+        torch.Size([4, 10])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        hidden_features: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"StructuredLinear: {name} must be a positive int, got {value!r}")
+        if hidden_features is None:
+            hidden_features = in_features
+        self.spec = StructureSpec(hidden_features, (1, 1))
+        self.spec.validate((in_features,), layer="StructuredLinear")
+        self.in_features, self.out_features, self.hidden_features = in_features, out_features, hidden_features
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, hidden_features, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.reset_parameters()
+
+    @property
+    def window(self) -> int:
+        return self.in_features - self.hidden_features + 1
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.hidden_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "hidden_features": self.hidden_features,
+        }
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.window > 1:
+            x = window_sum(x, -1, self.window).to(x.dtype)
+        return F.linear(x, self.weight, self.bias)
+
+    def pooling_additions(self, input_shape: Sequence[int]) -> int:
+        """Additions of the sum-pool for an input of shape ``(..., in_features)``."""
+        return window_sum_additions(self.in_features, self.window, others=math.prod(input_shape[:-1]))
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, hidden_features: int | None = None) -> StructuredLinear:
+        """Project ``linear``'s weight onto the structured subspace and return the decomposed layer."""
+        if not isinstance(linear, nn.Linear) or isinstance(linear, nn.modules.lazy.LazyModuleMixin):
+            raise ValueError(
+                f"StructuredLinear.from_dense expects an initialized nn.Linear, got {type(linear).__name__}"
+            )
+        weight = linear.weight
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            hidden_features=hidden_features,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(to_alpha(weight.detach().double(), layer.spec))
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def dense_weight(self) -> Tensor:
+        """The equivalent dense weight ``A_C·alpha`` of shape ``(out_features, in_features)``."""
+        return from_alpha(self.weight, (self.in_features,))
+
+    def to_dense(self) -> nn.Linear:
+        """Fold back into an equivalent ``nn.Linear``."""
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+        with torch.no_grad():
+            linear.weight.copy_(from_alpha(self.weight.detach().double(), (self.in_features,)))
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"hidden_features={self.hidden_features}, bias={self.bias is not None}"
+        )
