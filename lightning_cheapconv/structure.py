@@ -115,7 +115,9 @@ def composite_basis(big: int, small: int) -> Tensor:
 
 @lru_cache(maxsize=256)
 def _pinv_cpu64(big: int, small: int) -> Tensor:
-    return torch.linalg.pinv(composite_basis(big, small))
+    # A_L has full column rank, so A⁺ = (AᵀA)⁻¹Aᵀ: a small solve instead of an SVD of a big matrix.
+    basis = composite_basis(big, small)
+    return torch.linalg.solve(basis.T @ basis, basis.T)
 
 
 @lru_cache(maxsize=256)

@@ -1,0 +1,216 @@
+"""Weight inheritance: map a trained ``nn.Conv2d`` onto a :class:`~lightning_cheapconv.nn.GhostConv2d`.
+
+DESIGN.md section 3. A ghost map is ``dw ∗ (W_i ∗ x)``: a depthwise ``d x d`` kernel applied to
+intrinsic map ``i``. So ``m = ceil(O / s)`` of the original filters are kept as the primary conv
+(exact), and every other filter ``o`` becomes a ghost of some intrinsic ``i`` whose depthwise
+kernel is fitted by least squares:
+
+- in *kernel space* (default): the composite kernel ``sum_q D[q] · shift_q(W_i)`` (offsets
+  ``s·q + δ·r`` in input pixels, for stride ``s`` and dilation ``δ``) approximates ``W_o``;
+- in *activation space* (with a calibration batch): ``dwconv(y_i, D)`` approximates ``y_o`` on
+  the layer's real outputs, which also gets the zero padding at the borders right.
+
+Both reduce to, per candidate intrinsic ``i``, a ``d² x d²`` Gram matrix ``G_i`` and, per pair
+``(o, i)``, a cross term ``b_oi``: ``D = G_i⁻¹ b_oi`` and the squared error is
+``‖t_o‖² - b_oiᵀ G_i⁻¹ b_oi``. All pairs are computed at once with convolutions, so a
+ResNet-50 converts in about a second. Intrinsics and assignments are then chosen greedily:
+filters that explain ``s - 1`` others best become intrinsics first and claim those others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["GhostFit", "fit_ghost_from_kernels", "fit_ghost_from_activations", "assign_ghosts"]
+
+
+@dataclass
+class GhostFit:
+    """The result of fitting a Ghost module to a conv: which filters are intrinsic, which are ghosts of
+    which, their depthwise kernels, and the relative output error of the fit."""
+
+    intrinsics: Tensor  # (m,) original filter indices kept by the primary conv, in slot order
+    ghost_of: dict[int, int]  # original filter index -> intrinsic slot (0..m-1)
+    kernels: dict[int, Tensor]  # original filter index -> (d, d) depthwise kernel
+    bias_shift: dict[int, float]  # original filter index -> bias of its ghost channel
+    relative_error: float  # ‖fit - original‖ / ‖original‖ over all output channels
+
+
+def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
+
+
+def _dilate(weight: Tensor, dilation: tuple[int, int]) -> Tensor:
+    """Place kernel taps ``dilation`` pixels apart (zeros between), as a dilated conv samples the input."""
+    if dilation == (1, 1):
+        return weight
+    out, channels, k_h, k_w = weight.shape
+    spread = weight.new_zeros(out, channels, dilation[0] * (k_h - 1) + 1, dilation[1] * (k_w - 1) + 1)
+    spread[:, :, :: dilation[0], :: dilation[1]] = weight
+    return spread
+
+
+def _ridge(gram: Tensor) -> Tensor:
+    scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    return gram + 1e-9 * scale[..., None, None] * eye
+
+
+class _PairFits:
+    """Least-squares fits of every target ``o`` from every candidate intrinsic ``i``.
+
+    ``gram``: ``(I, t, t)``, ``cross``: ``(I, O, t)``, ``target_sq``: ``(O,)``, with ``t`` taps (``d²``,
+    or 1 when only the centre tap can fit, as for 1x1 kernels). Errors of all pairs are quadratic
+    forms with the inverted Grams; kernels are solved only for the pairs that are kept.
+    """
+
+    def __init__(self, gram: Tensor, cross: Tensor, target_sq: Tensor, dw_size: int, chunk: int = 128) -> None:
+        self.inverse = torch.linalg.inv(_ridge(gram.double()))
+        self.cross = cross
+        self.target_sq = target_sq.double()
+        self.dw_size = dw_size
+        explained = []
+        for start in range(0, cross.shape[0], chunk):
+            b = cross[start : start + chunk].double()
+            explained.append(torch.einsum("ioq,iqp,iop->io", b, self.inverse[start : start + chunk], b))
+        self.errors = (self.target_sq[None, :] - torch.cat(explained)).clamp_min(0.0)  # (I, O)
+
+    def kernels(self, intrinsics: Tensor, targets: Tensor) -> Tensor:
+        """The ``(len, d, d)`` depthwise kernels that make each ``targets[j]`` from ``intrinsics[j]``."""
+        taps = torch.einsum("jqp,jp->jq", self.inverse[intrinsics], self.cross[intrinsics, targets].double())
+        if taps.shape[1] == 1:
+            full = taps.new_zeros(taps.shape[0], self.dw_size * self.dw_size)
+            full[:, full.shape[1] // 2] = taps[:, 0]
+            taps = full
+        return taps.reshape(-1, self.dw_size, self.dw_size).float()
+
+
+def assign_ghosts(errors: Tensor, ratio: int) -> tuple[list[int], dict[int, int]]:
+    """Choose ``m = ceil(O / ratio)`` intrinsic filters and give each at most ``ratio - 1`` ghosts.
+
+    ``errors[i, o]`` is the normalized error of making filter ``o`` a ghost of filter ``i``. Filters
+    whose ``ratio - 1`` best partners fit best become intrinsics first and claim those partners;
+    once ``m`` intrinsics exist, the remaining filters go to the best intrinsic with a free slot.
+    Returns the intrinsic filters (in the order chosen) and ``ghost -> intrinsic filter``.
+    """
+    count = errors.shape[0]
+    slots = ratio - 1
+    intrinsic_budget = -(-count // ratio)
+    errors = errors.clone().double()
+    errors.fill_diagonal_(float("inf"))
+    k = min(slots, count - 1)
+    score = errors.topk(k, dim=1, largest=False).values.sum(1) if k > 0 else torch.zeros(count, dtype=errors.dtype)
+    free = torch.ones(count, dtype=torch.bool)
+    intrinsics: list[int] = []
+    ghost_of: dict[int, int] = {}
+    capacity: dict[int, int] = {}
+    for candidate in score.argsort().tolist():
+        if not free[candidate] or len(intrinsics) == intrinsic_budget:
+            continue
+        free[candidate] = False
+        intrinsics.append(candidate)
+        row = errors[candidate].masked_fill(~free, float("inf"))
+        take = min(slots, int(free.sum()))
+        chosen = row.topk(take, largest=False).indices.tolist() if take else []
+        for ghost in chosen:
+            free[ghost] = False
+            ghost_of[ghost] = candidate
+        capacity[candidate] = slots - len(chosen)
+    # Left-overs (only when intrinsic_budget ran out while filters were still free).
+    for ghost in free.nonzero().flatten().tolist():
+        open_ones = [i for i in intrinsics if capacity[i] > 0]
+        best = min(open_ones, key=lambda i: errors[i, ghost].item())
+        ghost_of[ghost] = best
+        capacity[best] -= 1
+    return intrinsics, ghost_of
+
+
+def _finish(fits: _PairFits, ratio: int) -> GhostFit:
+    normalized = fits.errors / fits.target_sq.clamp_min(1e-30)[None, :]
+    intrinsics, ghost_of = assign_ghosts(normalized, ratio)
+    slot = {filt: n for n, filt in enumerate(intrinsics)}
+    ghosts = torch.tensor(sorted(ghost_of), dtype=torch.long)
+    owners = torch.tensor([ghost_of[g] for g in ghosts.tolist()], dtype=torch.long)
+    kernels = fits.kernels(owners, ghosts) if len(ghosts) else torch.empty(0)
+    total_error = fits.errors[owners, ghosts].sum().item() if len(ghosts) else 0.0
+    return GhostFit(
+        intrinsics=torch.tensor(intrinsics, dtype=torch.long),
+        ghost_of={g: slot[i] for g, i in ghost_of.items()},
+        kernels=dict(zip(ghosts.tolist(), kernels, strict=True)),
+        bias_shift={},
+        relative_error=(total_error / max(fits.target_sq.sum().item(), 1e-30)) ** 0.5,
+    )
+
+
+def fit_ghost_from_kernels(conv: nn.Conv2d, ratio: int, dw_size: int) -> GhostFit:
+    """Fit in kernel space (no data needed). Exact away from image borders when a perfect fit exists."""
+    weight = conv.weight.detach().float()
+    out_channels = weight.shape[0]
+    stride, dilation = _pair(conv.stride), _pair(conv.dilation)
+    half = dw_size // 2
+    flat = weight.flatten(1)
+    target_sq = flat.pow(2).sum(1)
+    if tuple(weight.shape[2:]) == (1, 1):
+        # Shifted copies of a 1x1 kernel never overlap the target: only the centre tap can fit.
+        cross = (flat @ flat.T)[:, :, None]
+        gram = target_sq[:, None, None]
+    else:
+        # Kernels live on a grid of spacing δ (dilation); spread them out so that plain indexing matches.
+        spread = _dilate(weight, dilation)
+        # cross[i, o, q] = <shift_q(W_i), W_o>: correlate W_o with W_i at stride s, dilation δ.
+        padding = (stride[0] * half, stride[1] * half)
+        cross = F.conv2d(spread, weight, stride=stride, padding=padding, dilation=dilation)  # (o, i, d, d)
+        cross = cross.permute(1, 0, 2, 3).flatten(2)
+        # Autocorrelation of each W_i at displacements s·Δ, Δ in [-(d-1), d-1]², gives G_i[q, q'].
+        reach = (stride[0] * (dw_size - 1), stride[1] * (dw_size - 1))
+        grouped_in = spread.reshape(1, -1, *spread.shape[2:])
+        auto = F.conv2d(grouped_in, weight, stride=stride, padding=reach, dilation=dilation, groups=out_channels)[0]
+        q = torch.arange(dw_size) + dw_size - 1
+        p = torch.arange(dw_size)
+        delta_h = (q[:, None, None, None] - p[None, None, :, None]).expand(dw_size, dw_size, dw_size, dw_size)
+        delta_w = (q[None, :, None, None] - p[None, None, None, :]).expand(dw_size, dw_size, dw_size, dw_size)
+        gram = auto[:, delta_h, delta_w].reshape(out_channels, dw_size * dw_size, dw_size * dw_size)
+    fit = _finish(_PairFits(gram, cross, target_sq, dw_size), ratio)
+    if conv.bias is not None:
+        bias = conv.bias.detach().float()
+        fit.bias_shift = {
+            g: float(bias[g] - bias[fit.intrinsics[s]] * fit.kernels[g].sum()) for g, s in fit.ghost_of.items()
+        }
+    return fit
+
+
+def fit_ghost_from_activations(
+    conv: nn.Conv2d, inputs: Tensor, ratio: int, dw_size: int, max_positions: int = 16384
+) -> GhostFit:
+    """Fit on the layer's real outputs for ``inputs`` (a calibration batch of the layer's *input*)."""
+    with torch.no_grad():
+        outputs = conv._conv_forward(inputs.float(), conv.weight.float(), None)  # bias handled separately
+    batch, channels, height, width = outputs.shape
+    half = dw_size // 2
+    patches = F.unfold(outputs, dw_size, padding=half)  # (B, O·d², H·W)
+    patches = patches.reshape(batch, channels, dw_size * dw_size, height * width).permute(1, 2, 0, 3)
+    patches = patches.reshape(channels, dw_size * dw_size, batch * height * width)
+    targets = outputs.permute(1, 0, 2, 3).reshape(channels, -1)
+    if targets.shape[1] > max_positions:
+        keep = torch.randperm(targets.shape[1], generator=torch.Generator().manual_seed(0))[:max_positions]
+        patches, targets = patches[:, :, keep], targets[:, keep]
+    if conv.bias is not None:
+        # A ghost channel has its own bias: centre the targets and the features.
+        patches = patches - patches.mean(-1, keepdim=True)
+        targets = targets - targets.mean(-1, keepdim=True)
+    gram = patches @ patches.transpose(1, 2)  # (I, d², d²)
+    cross = torch.einsum("iqn,on->ioq", patches, targets)
+    target_sq = targets.pow(2).sum(1)
+    fit = _finish(_PairFits(gram, cross, target_sq, dw_size), ratio)
+    if conv.bias is not None:
+        with torch.no_grad():
+            raw = conv._conv_forward(inputs.float(), conv.weight.float(), conv.bias.float())
+        means = raw.mean((0, 2, 3))
+        fit.bias_shift = {
+            g: float(means[g] - means[fit.intrinsics[s]] * fit.kernels[g].sum()) for g, s in fit.ghost_of.items()
+        }
+    return fit
