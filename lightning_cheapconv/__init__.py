@@ -1,5 +1,21 @@
-"""lightning-cheapconv: make convolutional networks cheaper while they train."""
+"""lightning-cheapconv: make convolutional networks cheaper while they train.
 
+Example::
+
+    from pytorch_lightning import Trainer
+    from lightning_cheapconv import GhostConvCallback
+
+    trainer = Trainer(max_epochs=30, callbacks=[GhostConvCallback(ratio=2)])
+    trainer.fit(model, datamodule=datamodule)
+"""
+
+from .callbacks import GhostConvCallback, StructuredConvCallback
+from .checkpoint import install_restructure_hook, restructure
+from .complexity import Complexity, LayerComplexity, compression_ratios, count_complexity, format_count
+from .convert import ConversionResult, convert_to_ghost, decompose_structured, select_layers
+from .data import CIFAR10DataModule, DigitsDataModule, ImageNetDataModule
+from .models import CifarResNet, CifarVGG, GhostNet, get_model, list_models
+from .module import ImageClassifier
 from .nn import (
     ChannelShuffle,
     CReLU,
@@ -10,16 +26,42 @@ from .nn import (
     StructuredConv2d,
     StructuredLinear,
 )
+from .report import compression_report
+from .structure import StructureSpec
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CIFAR10DataModule",
     "CReLU",
     "ChannelShuffle",
+    "CifarResNet",
+    "CifarVGG",
+    "Complexity",
+    "ConversionResult",
     "DepthwiseSeparableConv2d",
+    "DigitsDataModule",
     "GhostBottleneck",
     "GhostConv2d",
+    "GhostConvCallback",
+    "GhostNet",
+    "ImageClassifier",
+    "ImageNetDataModule",
+    "LayerComplexity",
     "SqueezeExcite",
+    "StructureSpec",
     "StructuredConv2d",
+    "StructuredConvCallback",
     "StructuredLinear",
+    "compression_ratios",
+    "compression_report",
+    "convert_to_ghost",
+    "count_complexity",
+    "decompose_structured",
+    "format_count",
+    "get_model",
+    "install_restructure_hook",
+    "list_models",
+    "restructure",
+    "select_layers",
 ]

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .inherit import fit_ghost_from_activations, fit_ghost_from_kernels
 from .nn import GhostConv2d, StructuredConv2d, StructuredLinear
+from .nn.record import StructureRecordMixin
 from .structure import StructureSpec, spec_from_ratios, structural_residual
 
 __all__ = [
@@ -226,7 +227,11 @@ def select_layers(
     kinds = (nn.Conv2d, nn.Linear) if linear else (nn.Conv2d,)
     seen: set[int] = set()
     layers: list[tuple[str, nn.Module]] = []
+    # Layers inside cheap modules (a Ghost module's primary conv, say) are parts, not candidates.
+    cheap_prefixes = tuple(n + "." for n, m in model.named_modules() if isinstance(m, StructureRecordMixin))
     for name, module in model.named_modules():
+        if name.startswith(cheap_prefixes):
+            continue
         if isinstance(module, (nn.Conv2d, nn.Linear)) and id(module) not in seen:
             seen.add(id(module))
             layers.append((name, module))

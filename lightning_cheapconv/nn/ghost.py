@@ -134,6 +134,8 @@ class GhostConv2d(StructureRecordMixin, nn.Module):
                 index = None
         if "output_index" in self._buffers:
             del self._buffers["output_index"]
+        # A plain ``output_index = None`` attribute would make register_buffer raise KeyError.
+        self.__dict__.pop("output_index", None)
         if index is None:
             self.output_index = None
         else:

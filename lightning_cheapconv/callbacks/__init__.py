@@ -1,0 +1,6 @@
+"""Lightning callbacks: they decide *when* layers change; the package's lower layers know *how*."""
+
+from .ghost import GhostConvCallback
+from .structured import StructuredConvCallback
+
+__all__ = ["GhostConvCallback", "StructuredConvCallback"]

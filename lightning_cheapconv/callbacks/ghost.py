@@ -1,0 +1,217 @@
+"""GhostConvCallback: progressive conversion into Ghost modules, DDP-safe, resumable."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from torch import Tensor, nn
+
+from ..convert import LayerPlan, capture_inputs, ghost_from_conv, replace_modules, select_layers
+from ..nn import GhostConv2d
+from .base import CheapConvCallback, Patterns
+from .schedule import Order
+from .surgery import broadcast_module, check_strategy, rewrap, swap_in_optimizers
+from .tracking import first_tensor
+
+__all__ = ["GhostConvCallback"]
+
+
+class GhostConvCallback(CheapConvCallback):
+    r"""Convert a network's convolutions into Ghost modules during ``fit``, all at once or in stages.
+
+    From Han et al., "GhostNet: More Features from Cheap Operations", CVPR 2020. Each selected
+    ``nn.Conv2d`` becomes a conv-only :class:`GhostConv2d` (the host network's BatchNorm and
+    activation stay), with ``ratio`` (s) and ``dw_size`` (d). With ``init="inherit"`` the trained
+    filters are mapped onto the Ghost module (``m = ceil(out/s)`` kept exactly, the others fitted
+    as depthwise ghosts), by kernel-space least squares or, with ``calibration_batches > 0``, on
+    real activations of that many training batches (rank 0 fits; the result is broadcast).
+
+    Schedule: the selected layers are split into ``stages`` groups in ``order`` and converted at
+    epochs spread evenly from ``start_epoch`` to ``end_epoch`` (default: one stage per epoch).
+    Conversion at epoch 0 happens in ``setup``, before DDP wrapping and ``configure_optimizers``,
+    so every strategy works. Later stages convert at the start of their epoch (after
+    ``calibration_batches`` batches when calibrating): new modules are built on the model's device
+    and dtype, made identical on every rank, swapped in, the live optimizer is edited in place (old
+    parameters and their state out, new ones in the same group at the same position, so LR
+    schedulers continue and a resumed run lines its optimizer state up), and DDP is wrapped
+    again. FSDP/DeepSpeed and spawn launchers are refused at setup when a stage falls after
+    epoch 0.
+
+    Logs ``compression/params``, ``compression/macs`` (per example) and their ratios (original /
+    compressed) at each validation epoch end, a line per stage with the converted layers and
+    their fit errors, and a rich report at fit end (rank 0). Resuming with
+    ``trainer.fit(ckpt_path=...)`` rebuilds the checkpoint's structure before its weights load
+    (:func:`lightning_cheapconv.install_restructure_hook`) and the remaining stages follow.
+
+    Args:
+        include, exclude: glob patterns on qualified layer names.
+        ratio: s, an int >= 2 (``m = ceil(out/s)`` intrinsic maps).
+        dw_size: d, an odd int >= 1 (the cheap depthwise kernel).
+        init: ``"inherit"`` (map the trained weights) or ``"random"``.
+        calibration_batches: training batches used to fit inheritance on real activations (0: kernel space).
+        start_epoch, end_epoch: first and last conversion epochs (``end_epoch`` defaults to
+            ``start_epoch + stages - 1``).
+        stages: number of groups converted at different epochs.
+        order: ``"deep_first"`` or ``"shallow_first"``.
+        skip_first, skip_last: keep the stem and the classifier as they are (the paper's setting).
+        verbose: 0 silent, 1 a line per stage and the report, 2 per-layer details.
+
+    Example::
+
+        trainer = Trainer(max_epochs=20, callbacks=[GhostConvCallback(ratio=2, stages=2, end_epoch=4)])
+        trainer.fit(model, datamodule=dm)
+    """
+
+    method = "ghost"
+
+    def __init__(
+        self,
+        include: Patterns = None,
+        exclude: Patterns = None,
+        ratio: int = 2,
+        dw_size: int = 3,
+        init: Literal["inherit", "random"] = "inherit",
+        calibration_batches: int = 0,
+        start_epoch: int = 0,
+        end_epoch: int | None = None,
+        stages: int = 1,
+        order: Order = "deep_first",
+        skip_first: bool = True,
+        skip_last: bool = True,
+        verbose: int = 1,
+    ) -> None:
+        super().__init__(include, exclude, skip_first, skip_last, order, verbose)
+        if not isinstance(ratio, int) or isinstance(ratio, bool) or ratio < 2:
+            raise MisconfigurationException(f"ratio={ratio!r} is out of range; valid range is an int >= 2")
+        if not isinstance(dw_size, int) or isinstance(dw_size, bool) or dw_size < 1 or dw_size % 2 == 0:
+            raise MisconfigurationException(f"dw_size={dw_size!r} is out of range; valid values are odd ints >= 1")
+        if init not in ("inherit", "random"):
+            raise MisconfigurationException(f"init={init!r}; valid values are 'inherit' and 'random'")
+        for name, value in (("calibration_batches", calibration_batches), ("start_epoch", start_epoch)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise MisconfigurationException(f"{name}={value!r} is out of range; valid range is an int >= 0")
+        if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1:
+            raise MisconfigurationException(f"stages={stages!r} is out of range; valid range is an int >= 1")
+        if end_epoch is None:
+            end_epoch = start_epoch + stages - 1
+        if not isinstance(end_epoch, int) or end_epoch < start_epoch:
+            raise MisconfigurationException(
+                f"end_epoch={end_epoch!r} is out of range; valid range is an int >= start_epoch={start_epoch}"
+            )
+        if calibration_batches and init != "inherit":
+            raise MisconfigurationException("calibration_batches > 0 needs init='inherit'")
+        self.ratio, self.dw_size, self.init = ratio, dw_size, init
+        self.calibration_batches = calibration_batches
+        self.start_epoch, self.end_epoch, self.stages = start_epoch, end_epoch, stages
+        self.fit_errors: dict[str, float | None] = {}
+        self._calibration: list[Tensor] = []
+        self._pending: list[str] = []
+
+    # -- selection ------------------------------------------------------------------------------
+    def _select(self, pl_module: pl.LightningModule) -> list[LayerPlan]:
+        return select_layers(
+            pl_module,
+            "ghost",
+            self.include,
+            self.exclude,
+            self.skip_first,
+            self.skip_last,
+            ratio=self.ratio,
+            dw_size=self.dw_size,
+        )
+
+    def _make_cheap_twin(self, name: str, layer: nn.Module) -> nn.Module:
+        return ghost_from_conv(layer, self.ratio, self.dw_size, "random", name=name)[0]
+
+    def _cheap_layers(self) -> set[str]:
+        return set(self.fit_errors)
+
+    # -- setup and schedule -----------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._setup_plan(pl_module)
+        self._build_schedule(self.start_epoch, self.end_epoch, self.stages)
+        assert self.schedule is not None
+        mid_fit = self.schedule.last_epoch > 0 or self.calibration_batches > 0
+        check_strategy(trainer, type(self).__name__, changes_mid_fit=mid_fit)
+        self.fit_errors = {}
+        self._calibration, self._pending = [], []
+        if self.schedule.epochs[0] == 0 and self.calibration_batches == 0:
+            # Before DDP wrapping and configure_optimizers: plain module surgery, any strategy.
+            self._convert(trainer, pl_module, list(self.schedule.due_at(0)), "setup", mid_fit=False)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.schedule is not None
+        current = set(self._live_ghosts(pl_module))
+        self.fit_errors.update({n: self.fit_errors.get(n) for n in current})  # restored from a checkpoint
+        self._pending = [n for n in self.schedule.due_by(trainer.current_epoch) if n not in current]
+        self._calibration = []
+        if self._pending and self.calibration_batches == 0:
+            self._convert(trainer, pl_module, self._pending, f"epoch {trainer.current_epoch}", mid_fit=True)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if not self._pending:
+            return
+        if len(self._calibration) < self.calibration_batches:
+            inputs = first_tensor(batch)
+            if inputs is not None:
+                self._calibration.append(inputs.detach())
+        if len(self._calibration) >= self.calibration_batches:
+            self._convert(trainer, pl_module, self._pending, f"epoch {trainer.current_epoch}", mid_fit=True)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending:  # the epoch had fewer batches than calibration_batches
+            self._convert(trainer, pl_module, self._pending, f"end of epoch {trainer.current_epoch}", mid_fit=True)
+
+    def _live_ghosts(self, pl_module: nn.Module) -> list[str]:
+        return [n for n in self.targets if isinstance(pl_module.get_submodule(n), GhostConv2d)]
+
+    # -- conversion ---------------------------------------------------------------------------------
+    def _convert(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, names: list[str], when: str, mid_fit: bool
+    ) -> None:
+        inputs: dict[str, Tensor] = {}
+        if self._calibration:
+            batch = torch.cat(self._calibration).to(pl_module.device)
+            inputs = capture_inputs(pl_module, batch, names)
+        new_modules: dict[str, nn.Module] = {}
+        errors: dict[str, float | None] = {}
+        for name in names:
+            old = pl_module.get_submodule(name)
+            new, error = ghost_from_conv(old, self.ratio, self.dw_size, self.init, inputs.get(name), name)
+            new.train(old.training)
+            broadcast_module(new)  # rank 0's fit (its calibration data, its numerics) on every rank
+            new_modules[name], errors[name] = new, error
+        if mid_fit:
+            for name, new in new_modules.items():
+                swap_in_optimizers(trainer.optimizers, pl_module.get_submodule(name), new)
+        replace_modules(pl_module, new_modules)
+        if mid_fit:
+            rewrap(trainer)
+        self.fit_errors.update(errors)
+        self._pending, self._calibration = [], []
+        if self.verbose:
+            fitted = [e for e in errors.values() if e is not None]
+            detail = f", mean fit error {sum(fitted) / len(fitted):.3g}" if fitted else f", init={self.init}"
+            rank_zero_info(
+                f"GhostConvCallback: {when}: converted {len(names)} layer(s) "
+                f"({len(self.fit_errors)}/{len(self.targets)} now Ghost{detail}): "
+                + ", ".join(f"{n} ({e:.3g})" if e is not None else n for n, e in errors.items())
+            )
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._report(pl_module, "GhostConvCallback: original vs Ghost")
+
+    def state_dict(self) -> dict[str, Any]:
+        errors = {n: (float(e) if e is not None else None) for n, e in self.fit_errors.items()}
+        return {**super().state_dict(), "fit_errors": errors}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.fit_errors = {n: e for n, e in state_dict.get("fit_errors", {}).items() if n in self.targets}

@@ -1,0 +1,137 @@
+"""What the network costs with any set of its target layers in cheap form, from one counted forward."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..complexity import Complexity, LayerComplexity, count_complexity
+
+__all__ = ["CompressionTracker", "first_tensor", "Cost"]
+
+
+@dataclass(frozen=True)
+class Cost:
+    params: int
+    macs: int
+    adds: int
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.params + other.params, self.macs + other.macs, self.adds + other.adds)
+
+    def __sub__(self, other: Cost) -> Cost:
+        return Cost(self.params - other.params, self.macs - other.macs, self.adds - other.adds)
+
+
+def first_tensor(batch: Any) -> Tensor | None:
+    """The model input of a batch: the batch itself, its first element, or its first tensor value."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (list, tuple)) and batch:
+        return first_tensor(batch[0])
+    if isinstance(batch, Mapping):
+        return next((v for v in batch.values() if isinstance(v, Tensor)), None)
+    return None
+
+
+def _cost(complexity: Complexity) -> Cost:
+    return Cost(complexity.params, complexity.macs, complexity.adds)
+
+
+class CompressionTracker:
+    """Counts the model once, then answers "what would it cost with exactly these layers cheap?".
+
+    At construction every target layer is still in its original form: a meta-device copy of it
+    (no memory) and of its cheap twin (built by ``make_cheap``) are kept. :meth:`measure` counts
+    the live model on one example input and records each target layer's input shape; both twins
+    are then counted at that shape. Costs are per example input (batch 1: per image).
+    """
+
+    def __init__(self, model: nn.Module, targets: Iterable[str], make_cheap: Callable[[str, nn.Module], nn.Module]):
+        self.dense: dict[str, nn.Module] = {}
+        self.cheap: dict[str, nn.Module] = {}
+        for name in targets:
+            layer = copy.deepcopy(model.get_submodule(name)).to("meta")
+            self.dense[name] = layer
+            with torch.device("meta"):
+                self.cheap[name] = make_cheap(name, layer)
+        self.base: Cost | None = None
+        self.base_cheap: frozenset[str] = frozenset()
+        self.layer_costs: dict[str, tuple[Cost, Cost]] = {}
+        self.before: Complexity | None = None
+        self.after: Complexity | None = None
+
+    @property
+    def measured(self) -> bool:
+        return self.base is not None
+
+    def measure(self, model: nn.Module, example_input: Tensor, cheap_now: Iterable[str]) -> None:
+        """Count ``model`` (whose layers in ``cheap_now`` are in cheap form) on ``example_input``."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        handles = []
+        for name in self.dense:
+
+            def hook(_m: nn.Module, args: tuple, name: str = name) -> None:
+                shapes.setdefault(name, tuple(args[0].shape))
+
+            handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+        try:
+            complexity = count_complexity(model, example_input=example_input)
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.base = _cost(complexity)
+        self.base_cheap = frozenset(cheap_now)
+        for name, shape in shapes.items():
+            dense = _cost(count_complexity(self.dense[name], input_shape=shape))
+            cheap = _cost(count_complexity(self.cheap[name], input_shape=shape))
+            self.layer_costs[name] = (dense, cheap)
+
+    def original_complexity(self, current: Complexity, cheap_now: Iterable[str]) -> Complexity:
+        """``current`` (a count of the live model) with its cheap target layers put back in dense form."""
+        cheap_now = set(cheap_now)
+        rows = []
+        for row in current.rows:
+            if row.name in cheap_now and row.name in self.layer_costs:
+                dense = self.layer_costs[row.name][0]
+                row = LayerComplexity(
+                    row.name, type(self.dense[row.name]).__name__, dense.params, dense.macs, dense.adds
+                )
+            rows.append(row)
+        total = self.cost(())
+        shift = total - self.cost(cheap_now)
+        return Complexity(
+            rows=rows,
+            params=current.params + shift.params,
+            macs=current.macs + shift.macs,
+            adds=current.adds + shift.adds,
+            input_shape=current.input_shape,
+        )
+
+    def cost(self, cheap: Iterable[str]) -> Cost:
+        """Whole-model cost with exactly the target layers in ``cheap`` in cheap form."""
+        if self.base is None:
+            raise RuntimeError("CompressionTracker.measure() has not run yet")
+        total = self.base
+        cheap = set(cheap)
+        for name, (dense, cheap_cost) in self.layer_costs.items():
+            if name in cheap and name not in self.base_cheap:
+                total = total - dense + cheap_cost
+            elif name not in cheap and name in self.base_cheap:
+                total = total - cheap_cost + dense
+        return total
+
+    def metrics(self, cheap: Iterable[str]) -> dict[str, float]:
+        """``compression/*`` figures: counts with ``cheap`` layers cheap, and ratios original / compressed."""
+        original, now = self.cost(()), self.cost(cheap)
+        return {
+            "compression/params": float(now.params),
+            "compression/macs": float(now.macs),
+            "compression/params_ratio": original.params / max(now.params, 1),
+            "compression/macs_ratio": original.macs / max(now.macs, 1),
+        }
