@@ -66,6 +66,7 @@ def compression_report(
     per_layer: bool = True,
     max_rows: int | None = None,
     print_table: bool = True,
+    changed_only: bool = False,
 ) -> Table:
     """Build (and by default print) a table of parameters, MACs and ratios per layer and in total.
 
@@ -73,7 +74,8 @@ def compression_report(
     and a layer present on one side only shows ``—`` on the other. The ratio columns are
     original / compressed (2.00× = half), as the caption says. ``max_rows`` keeps the first
     layers only (a final row says how many were left out); ``per_layer=False`` shows the total
-    alone. Prints through ``console`` (default :func:`rich.get_console`) if ``print_table``.
+    alone; ``changed_only=True`` lists only the layers that differ (the totals still cover all).
+    Prints through ``console`` (default :func:`rich.get_console`) if ``print_table``.
 
     Example::
 
@@ -103,6 +105,8 @@ def compression_report(
     if per_layer:
         old, new = before.by_name(), after.by_name()
         names = _merged_names([r.name for r in before.rows], [r.name for r in after.rows])
+        if changed_only:
+            names = [n for n in names if old.get(n) != new.get(n)]
         shown = names if max_rows is None else names[:max_rows]
         for name in shown:
             b, a = old.get(name), new.get(name)

@@ -155,7 +155,8 @@ class CheapConvCallback(Callback):
         assert self.tracker is not None
         example = self._example.to(pl_module.device)
         after = count_complexity(pl_module, example_input=example)
-        compression_report(self.tracker.original_complexity(after, self._cheap_now(pl_module)), after, title=title)
+        before = self.tracker.original_complexity(after, self._cheap_now(pl_module))
+        compression_report(before, after, title=title, changed_only=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": 1, "targets": list(self.targets)}
