@@ -14,7 +14,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 demo: venv
-	$(BIN)/python examples/cifar_ghost.py --dataset digits --arch resnet20 --epochs 6 --stages 2 --output runs/demo
+	$(BIN)/python examples/cifar_ghost.py --dataset digits --arch resnet20 --epochs 8 --start-epoch 3 --stages 2 --output runs/demo
 
 test: venv
 	$(BIN)/ruff check .

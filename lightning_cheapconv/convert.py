@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 from .inherit import fit_ghost_from_activations, fit_ghost_from_kernels
 from .nn import GhostConv2d, StructuredConv2d, StructuredLinear
-from .nn.record import StructureRecordMixin
 from .structure import StructureSpec, spec_from_ratios, structural_residual
 
 __all__ = [
@@ -228,7 +227,10 @@ def select_layers(
     seen: set[int] = set()
     layers: list[tuple[str, nn.Module]] = []
     # Layers inside cheap modules (a Ghost module's primary conv, say) are parts, not candidates.
-    cheap_prefixes = tuple(n + "." for n, m in model.named_modules() if isinstance(m, StructureRecordMixin))
+    cheap = [
+        (n, m) for n, m in model.named_modules() if isinstance(m, (GhostConv2d, StructuredConv2d, StructuredLinear))
+    ]
+    cheap_prefixes = tuple(n + "." for n, _ in cheap)
     for name, module in model.named_modules():
         if name.startswith(cheap_prefixes):
             continue
@@ -237,7 +239,11 @@ def select_layers(
             layers.append((name, module))
     first_conv = next((n for n, m in layers if isinstance(m, nn.Conv2d)), None)
     last_layer = layers[-1][0] if layers else None
-    plan: list[LayerPlan] = []
+    plan: list[LayerPlan] = [
+        LayerPlan(n, type(m).__name__, "skip", f"already a {type(m).__name__}", tuple(names[id(m)]), -1)
+        for n, m in cheap
+        if not n.startswith(cheap_prefixes)
+    ]
     for order, (name, module) in enumerate(layers):
         aliases = tuple(names[id(module)])
         kind = type(module).__name__
@@ -290,10 +296,10 @@ def replace_modules(model: nn.Module, replacements: dict[str, nn.Module]) -> Non
             old = model.get_submodule(name)
         except AttributeError as err:
             raise ValueError(f"replace_modules: model has no submodule {name!r}") from err
+        if "" in names[id(old)]:
+            raise ValueError("replace_modules: cannot replace the root module itself")
         targets.extend((alias, new) for alias in names[id(old)])
     for alias, new in targets:
-        if alias == "":
-            raise ValueError("replace_modules: cannot replace the root module itself")
         model.set_submodule(alias, new)
 
 
@@ -410,13 +416,15 @@ def capture_inputs(model: nn.Module, example_input: Tensor, names: Sequence[str]
             captured.setdefault(name, args[0].detach())
 
         handles.append(module.register_forward_pre_hook(hook))
-    was_training = model.training
+    # Restore each module's own mode (a frozen BatchNorm in eval mode inside a training model stays so).
+    modes = [(module, module.training) for module in model.modules()]
     try:
         model.eval()
         with torch.no_grad():
             model(example_input)
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
         for handle in handles:
             handle.remove()
     missing = [n for n in names if n not in captured]
@@ -558,6 +566,9 @@ def decompose_structured(
     unknown = set(specs) - {p.name for p in plan}
     if unknown:
         raise ValueError(f"decompose_structured: specs name layers that are not candidates: {sorted(unknown)}")
+    skipped = [f"{p.name}: {p.reason}" for p in plan if p.action != "convert" and p.name in specs]
+    if skipped:  # a spec would be silently ignored
+        raise ValueError(f"decompose_structured: specs name layers that the selection skips ({'; '.join(skipped)})")
 
     def build(name: str, old: nn.Module) -> tuple[nn.Module, float | None, str]:
         spec = specs.get(name) or structure_spec_for(old, channel_ratio, kernel_reduction, kernel_size, name)

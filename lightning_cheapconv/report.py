@@ -16,6 +16,9 @@ _DASH = "—"
 CONVENTION = "ratio = original / compressed (2.00× = half)"
 
 
+_LOG_WIDTH = 150
+
+
 def _format_ratio(ratio: float) -> str:
     if math.isnan(ratio):
         return _DASH
@@ -144,5 +147,9 @@ def compression_report(
         style="bold",
     )
     if print_table:
-        (console or rich.get_console()).print(table)
+        console = console or rich.get_console()
+        if not console.is_terminal and console.width < _LOG_WIDTH:
+            # Logs and pipes get rich's 80 columns, which wraps qualified layer names into unreadable cells.
+            console = Console(file=console.file, width=_LOG_WIDTH)
+        console.print(table)
     return table
