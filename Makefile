@@ -22,6 +22,7 @@ test: venv
 	$(BIN)/pytest -q
 
 bench: venv
+	$(BIN)/pip install -q -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks.all
 
 .PHONY: venv demo test bench

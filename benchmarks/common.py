@@ -33,10 +33,9 @@ def machine() -> str:
     )
 
 
-def command() -> str:
-    """The command line that ran this benchmark, as a user would type it."""
-    module = Path(sys.argv[0]).with_suffix("").name
-    return shlex.join(["python", "-m", f"benchmarks.{module}", *sys.argv[1:]])
+def command(module: str, argv: list[str] | None) -> str:
+    """The command line that reproduces a benchmark module's run with ``argv`` (``None``: this process's)."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
 @dataclass

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> Section:
         "Params include BatchNorm; MACs per image (FLOPs / 2, bias and BN not counted); "
         "% is ours against the reference.\n\n" + "\n".join(lines) + "\n\n" + NOTES
     )
-    section = Section("counts", "1. Paper fidelity of counts", body, command(), missed)
+    section = Section("counts", "1. Paper fidelity of counts", body, command(__spec__.name, argv), missed)
     section.save()
     return section
 

@@ -41,15 +41,19 @@ class Restructured:
     new_type: str
 
 
-def _records(state_dict: Mapping[str, Any]) -> dict[str, dict]:
-    """Module path -> structure record, for every registered cheap kind in the state dict."""
+def _records(state_dict: Mapping[str, Any]) -> tuple[dict[str, dict], dict[str, Any]]:
+    """Module path -> structure record, for every registered cheap kind in the state dict; and module
+    path -> kind for records (dicts with a ``kind``) of kinds this library does not know."""
     kinds = set(registered_kinds())
-    found = {}
+    found, unknown = {}, {}
     for key, value in state_dict.items():
         if key == _EXTRA or key.endswith("." + _EXTRA):
+            path = key[: -len(_EXTRA)].rstrip(".")
             if isinstance(value, dict) and value.get("kind") in kinds:
-                found[key[: -len(_EXTRA)].rstrip(".")] = value
-    return found
+                found[path] = value
+            elif isinstance(value, dict) and "kind" in value:
+                unknown[path] = value["kind"]
+    return found, unknown
 
 
 def dense_from_record(record: dict, weight: Tensor, where: str = "module") -> nn.Module:
@@ -83,11 +87,16 @@ def dense_from_record(record: dict, weight: Tensor, where: str = "module") -> nn
     return layer
 
 
-def _placed(module: nn.Module, like: nn.Module) -> nn.Module:
-    """``module`` (built on the meta device) materialized on ``like``'s device and dtype."""
+def _device_dtype(like: nn.Module) -> tuple[torch.device, torch.dtype | None]:
     reference = next(iter(like.parameters()), None)
     device = reference.device if reference is not None else torch.device("cpu")
     dtype = reference.dtype if reference is not None and reference.is_floating_point() else None
+    return device, dtype
+
+
+def _placed(module: nn.Module, like: nn.Module) -> nn.Module:
+    """``module`` (a plain layer built on the meta device) materialized on ``like``'s device and dtype."""
+    device, dtype = _device_dtype(like)
     module = module.to_empty(device=device)
     if dtype is not None:
         module = module.to(dtype)
@@ -97,10 +106,17 @@ def _placed(module: nn.Module, like: nn.Module) -> nn.Module:
 
 
 def _plan(model: nn.Module, state_dict: Mapping[str, Any]) -> dict[str, nn.Module]:
-    records = _records(state_dict)
+    records, unknown = _records(state_dict)
     replacements: dict[str, nn.Module] = {}
     handled: set[int] = set()
     modules = dict(model.named_modules(remove_duplicate=False))
+    for path, kind in unknown.items():
+        # Where a cheap module or a layer it replaces sits, a record nobody can build is an error, not a skip.
+        if isinstance(modules.get(path), (StructureRecordMixin, nn.Conv2d, nn.Linear)):
+            raise ValueError(
+                f"state dict key {(path + '.' if path else '') + _EXTRA!r}: unknown structure kind {kind!r}; "
+                f"known kinds are {registered_kinds()}"
+            )
     # Cheap modules that the state dict describes.
     for path, record in records.items():
         current = modules.get(path)
@@ -115,12 +131,14 @@ def _plan(model: nn.Module, state_dict: Mapping[str, Any]) -> dict[str, nn.Modul
         handled.add(id(current))
         if isinstance(current, StructureRecordMixin) and records_equal(current.structure_record(), record):
             continue
+        device, dtype = _device_dtype(current)
         try:
-            with torch.device("meta"):
+            # Built where it will live, fully initialized: a non-strict load may leave some of it unloaded.
+            with torch.device(device):
                 new = build_from_record(record, where)
         except (TypeError, ValueError) as err:
             raise ValueError(f"state dict key {path + '.' + _EXTRA!r}: cannot rebuild {record['kind']}: {err}") from err
-        replacements[path] = _placed(new, current)
+        replacements[path] = new.to(dtype) if dtype is not None else new
     # Cheap modules of the model that meet dense weights: rebuild the plain layer they replaced.
     kinds = set(registered_kinds())
     for path, module in modules.items():
@@ -193,15 +211,18 @@ def install_restructure_hook(model: nn.Module) -> RemovableHandle | None:
 
     This is how Lightning resumes a run whose architecture changed mid-fit: the model's weights
     load before any callback state, so the structure must follow the checkpoint by itself.
-    Installing twice is a no-op (returns ``None``).
+    Installing twice is a no-op (returns ``None``) while the first hook is in place. Shapes are
+    checked before anything changes; missing and unexpected keys are left to ``load_state_dict``
+    and its own ``strict`` (PyTorch hands pre-hooks ``strict=True`` whatever the caller asked).
     """
-    if getattr(model, _HOOK_FLAG, False):
+    installed = getattr(model, _HOOK_FLAG, None)
+    if installed is not None and installed in model._load_state_dict_pre_hooks:
         return None
 
     def hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         own = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        restructure(module, own, strict=strict)
+        restructure(module, own, strict=False)
 
     handle = model.register_load_state_dict_pre_hook(hook)
-    object.__setattr__(model, _HOOK_FLAG, True)
+    object.__setattr__(model, _HOOK_FLAG, handle.id)
     return handle

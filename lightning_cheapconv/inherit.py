@@ -187,8 +187,10 @@ def fit_ghost_from_activations(
     conv: nn.Conv2d, inputs: Tensor, ratio: int, dw_size: int, max_positions: int = 16384
 ) -> GhostFit:
     """Fit on the layer's real outputs for ``inputs`` (a calibration batch of the layer's *input*)."""
+    bias = conv.bias.detach().float() if conv.bias is not None else None
     with torch.no_grad():
-        outputs = conv._conv_forward(inputs.float(), conv.weight.float(), None)  # bias handled separately
+        # With the bias: the cheap conv sees the biased intrinsic maps, zero-padded at the borders.
+        outputs = conv._conv_forward(inputs.float(), conv.weight.float(), bias)
     batch, channels, height, width = outputs.shape
     half = dw_size // 2
     patches = F.unfold(outputs, dw_size, padding=half)  # (B, O·d², H·W)
@@ -198,19 +200,19 @@ def fit_ghost_from_activations(
     if targets.shape[1] > max_positions:
         keep = torch.randperm(targets.shape[1], generator=torch.Generator().manual_seed(0))[:max_positions]
         patches, targets = patches[:, :, keep], targets[:, keep]
-    if conv.bias is not None:
-        # A ghost channel has its own bias: centre the targets and the features.
-        patches = patches - patches.mean(-1, keepdim=True)
-        targets = targets - targets.mean(-1, keepdim=True)
+    if bias is not None:
+        # A ghost channel has its own bias (the intercept): centre the targets and the features.
+        patch_means, target_means = patches.mean(-1), targets.mean(-1)
+        patches = patches - patch_means[..., None]
+        targets = targets - target_means[:, None]
     gram = patches @ patches.transpose(1, 2)  # (I, d², d²)
     cross = torch.einsum("iqn,on->ioq", patches, targets)
     target_sq = targets.pow(2).sum(1)
     fit = _finish(_PairFits(gram, cross, target_sq, dw_size), ratio)
-    if conv.bias is not None:
-        with torch.no_grad():
-            raw = conv._conv_forward(inputs.float(), conv.weight.float(), conv.bias.float())
-        means = raw.mean((0, 2, 3))
+    if bias is not None:
+        # The least-squares intercept: tap means differ from the map's mean near the zero-padded borders.
         fit.bias_shift = {
-            g: float(means[g] - means[fit.intrinsics[s]] * fit.kernels[g].sum()) for g, s in fit.ghost_of.items()
+            g: float(target_means[g] - fit.kernels[g].flatten() @ patch_means[fit.intrinsics[s]])
+            for g, s in fit.ghost_of.items()
         }
     return fit

@@ -18,10 +18,16 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY = ["--epochs", "2", "--limit-batches", "2", "--batch-size", "16", "--accelerator", "cpu"]
 
 
-def run_example(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_example(script: str, *args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run an example script in its own process (in ``cwd``, so that nothing lands in the repository)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(
-        [sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True, timeout=timeout, env=env
+        [sys.executable, str(EXAMPLES / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=cwd,
     )
     assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
@@ -88,7 +94,9 @@ def test_imagenet_on_written_image_folder(tmp_path):
 
 
 def test_finetune_existing(tmp_path):
-    result = run_example("finetune_existing.py", "--method", "ghost", "--fast-dev-run", "--output", str(tmp_path))
+    result = run_example(
+        "finetune_existing.py", "--method", "ghost", "--fast-dev-run", "--output", str(tmp_path), cwd=tmp_path
+    )
     assert "compression/params_ratio" in result.stdout
 
 
@@ -96,7 +104,7 @@ def test_lightning_cli_configures_a_callback(tmp_path):
     result = run_example(
         "cli.py", "fit", "--model.backbone", "resnet20", "--data", "lightning_cheapconv.DigitsDataModule",
         "--trainer.accelerator", "cpu", "--trainer.fast_dev_run", "true", "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.callbacks+=lightning_cheapconv.GhostConvCallback", "--trainer.callbacks.ratio", "3",
+        "--trainer.callbacks+=lightning_cheapconv.GhostConvCallback", "--trainer.callbacks.ratio", "3", cwd=tmp_path,
     )  # fmt: skip
     assert "GhostConvCallback: setup: converted 18 layer(s)" in result.stdout + result.stderr
 

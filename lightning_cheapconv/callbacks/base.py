@@ -87,6 +87,7 @@ class CheapConvCallback(Callback):
         return [p.name for p in self.plan if p.action == "convert"]
 
     def _setup_plan(self, pl_module: pl.LightningModule) -> None:
+        self._example = None  # a callback reused for another fit must not count MACs on the last fit's input
         self.plan = self._select(pl_module)
         if not self.targets:
             reasons = "; ".join(f"{p.name}: {p.reason}" for p in self.plan) or "the model has no Conv2d layers"
@@ -143,7 +144,8 @@ class CheapConvCallback(Callback):
         return {name for name in self.targets if not isinstance(pl_module.get_submodule(name), (nn.Conv2d, nn.Linear))}
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not self._measure(pl_module):
+        # No tracker outside fit (``trainer.validate`` before any fit): nothing to log.
+        if trainer.sanity_checking or self.tracker is None or not self._measure(pl_module):
             return
         assert self.tracker is not None
         pl_module.log_dict(self.tracker.metrics(self._cheap_layers()), on_epoch=True, sync_dist=False)
@@ -152,7 +154,9 @@ class CheapConvCallback(Callback):
         """Rich table of the original vs the current model, on rank 0."""
         if not self.verbose or self._example is None or pl_module.trainer.global_rank != 0:
             return
-        assert self.tracker is not None
+        # Without a validation loop nothing has measured the model yet.
+        if self.tracker is None or not self._measure(pl_module) or self._example is None:
+            return
         example = self._example.to(pl_module.device)
         after = count_complexity(pl_module, example_input=example)
         before = self.tracker.original_complexity(after, self._cheap_now(pl_module))

@@ -7,7 +7,7 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities.exceptions import MisconfigurationException
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from ..convert import LayerPlan, capture_inputs, ghost_from_conv, replace_modules, select_layers
@@ -32,14 +32,16 @@ class GhostConvCallback(CheapConvCallback):
 
     Schedule: the selected layers are split into ``stages`` groups in ``order`` and converted at
     epochs spread evenly from ``start_epoch`` to ``end_epoch`` (default: one stage per epoch).
-    Conversion at epoch 0 happens in ``setup``, before DDP wrapping and ``configure_optimizers``,
-    so every strategy works. Later stages convert at the start of their epoch (after
-    ``calibration_batches`` batches when calibrating): new modules are built on the model's device
-    and dtype, made identical on every rank, swapped in, the live optimizer is edited in place (old
-    parameters and their state out, new ones in the same group at the same position, so LR
-    schedulers continue and a resumed run lines its optimizer state up), and DDP is wrapped
-    again. FSDP/DeepSpeed and spawn launchers are refused at setup when a stage falls after
-    epoch 0.
+    Conversion at epoch 0 happens in ``setup``, before DDP wrapping and ``configure_optimizers``.
+    Later stages convert at the start of their epoch (after ``calibration_batches`` batches when
+    calibrating): new modules are built on the model's device and dtype, made identical on every
+    rank, swapped in, the live optimizer is edited in place (old parameters and their state out,
+    new ones in the same group at the same position, in the order a fresh ``configure_optimizers``
+    would list them, so LR schedulers continue and a resumed run lines its optimizer state up),
+    and DDP is wrapped again. Single-device and ``strategy="ddp"`` runs are supported;
+    FSDP/DeepSpeed (which shard the weights) and spawn launchers (``ddp_spawn``, which lose
+    architecture changes) are refused at setup. To train a Ghost network under FSDP, convert it
+    before ``fit`` with :func:`lightning_cheapconv.convert_to_ghost`.
 
     Logs ``compression/params``, ``compression/macs`` (per example) and their ratios (original /
     compressed) at each validation epoch end, a line per stage with the converted layers and
@@ -98,7 +100,7 @@ class GhostConvCallback(CheapConvCallback):
             raise MisconfigurationException(f"stages={stages!r} is out of range; valid range is an int >= 1")
         if end_epoch is None:
             end_epoch = start_epoch + stages - 1
-        if not isinstance(end_epoch, int) or end_epoch < start_epoch:
+        if not isinstance(end_epoch, int) or isinstance(end_epoch, bool) or end_epoch < start_epoch:
             raise MisconfigurationException(
                 f"end_epoch={end_epoch!r} is out of range; valid range is an int >= start_epoch={start_epoch}"
             )
@@ -139,6 +141,14 @@ class GhostConvCallback(CheapConvCallback):
         assert self.schedule is not None
         mid_fit = self.schedule.last_epoch > 0 or self.calibration_batches > 0
         check_strategy(trainer, type(self).__name__, changes_mid_fit=mid_fit)
+        max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+        if max_epochs is not None and self.schedule.last_epoch >= max_epochs:
+            stages = zip(self.schedule.epochs, self.schedule.groups, strict=True)
+            late = [name for epoch, group in stages if epoch >= max_epochs for name in group]
+            rank_zero_warn(
+                f"GhostConvCallback: stage epochs {list(self.schedule.epochs)} are not all before "
+                f"max_epochs={max_epochs}; {len(late)} layer(s) will stay dense: {', '.join(late)}."
+            )
         self.fit_errors = {}
         self._calibration, self._pending = [], []
         if self.schedule.epochs[0] == 0 and self.calibration_batches == 0:
@@ -186,7 +196,13 @@ class GhostConvCallback(CheapConvCallback):
             old = pl_module.get_submodule(name)
             new, error = ghost_from_conv(old, self.ratio, self.dw_size, self.init, inputs.get(name), name)
             new.train(old.training)
-            broadcast_module(new)  # rank 0's fit (its calibration data, its numerics) on every rank
+            # Rank 0's fit (its calibration data, its numerics) on every rank. Its channel assignment
+            # first: an identity assignment stores no ``output_index`` buffer, so ranks whose fits
+            # differ would otherwise broadcast different lists of tensors.
+            index = None if new.output_index is None else new.output_index.tolist()
+            index, error = trainer.strategy.broadcast((index, error), src=0)
+            new.set_output_index(index)
+            broadcast_module(new)
             new_modules[name], errors[name] = new, error
         if mid_fit:
             for name, new in new_modules.items():

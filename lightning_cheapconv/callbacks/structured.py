@@ -17,9 +17,17 @@ from ..nn import StructuredConv2d, StructuredLinear
 from ..structure import StructureSpec, project, structural_residual
 from .base import CheapConvCallback, Patterns
 from .schedule import Order
-from .surgery import check_strategy
+from .surgery import check_strategy, swap_in_optimizers
 
 __all__ = ["StructuredConvCallback"]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class StructuredConvCallback(CheapConvCallback):
@@ -95,24 +103,24 @@ class StructuredConvCallback(CheapConvCallback):
         verbose: int = 1,
     ) -> None:
         super().__init__(include, exclude, skip_first, skip_last, project_order, verbose)
-        if not isinstance(channel_ratio, (int, float)) or not 0.0 < channel_ratio <= 1.0:
+        if not _is_number(channel_ratio) or not 0.0 < channel_ratio <= 1.0:
             raise MisconfigurationException(f"channel_ratio={channel_ratio!r} is out of range; valid range is (0, 1]")
-        if kernel_size is None and (not isinstance(kernel_reduction, int) or kernel_reduction < 0):
+        if kernel_size is None and (not _is_int(kernel_reduction) or kernel_reduction < 0):
             raise MisconfigurationException(
                 f"kernel_reduction={kernel_reduction!r} is out of range; valid range is an int >= 0"
             )
         if kernel_size is not None:
             sizes = (kernel_size,) * 2 if isinstance(kernel_size, int) else tuple(kernel_size)
-            if len(sizes) != 2 or not all(isinstance(v, int) and v >= 1 for v in sizes):
+            if len(sizes) != 2 or not all(_is_int(v) and v >= 1 for v in sizes):
                 raise MisconfigurationException(f"kernel_size={kernel_size!r}; valid values are ints >= 1 or a pair")
-        if not isinstance(reg_weight, (int, float)) or reg_weight < 0:
+        if not _is_number(reg_weight) or reg_weight < 0:
             raise MisconfigurationException(f"reg_weight={reg_weight!r} is out of range; valid range is >= 0")
-        if not callable(reg_schedule) and (not isinstance(reg_schedule, int) or reg_schedule < 0):
+        if not callable(reg_schedule) and (not _is_int(reg_schedule) or reg_schedule < 0):
             raise MisconfigurationException(
                 f"reg_schedule={reg_schedule!r}; valid values are warm-up epochs (an int >= 0) or a callable(epoch)"
             )
         for name, value in (("project_start_epoch", project_start_epoch), ("project_end_epoch", project_end_epoch)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            if value is not None and (not _is_int(value) or value < 0):
                 raise MisconfigurationException(f"{name}={value!r} is out of range; valid range is an int >= 0")
         if (
             project_start_epoch is not None
@@ -187,14 +195,18 @@ class StructuredConvCallback(CheapConvCallback):
             self._build_schedule(start, end, stages=end - start + 1)
         self.projected = set()
         self._last_projected_step = -1
+        self.layer_residuals, self.decomposition_error = {}, None  # nothing left from an earlier fit
 
     def _projection_window(self, trainer: pl.Trainer) -> tuple[int | None, int]:
         start, end = self.project_start_epoch, self.project_end_epoch
         max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
         if start is None:
-            if max_epochs is None:
+            if max_epochs is None and end is None:
                 return None, 0
-            start = max_epochs // 2
+            if max_epochs is None:
+                start = end
+            else:  # the default start never lies after an explicit end
+                start = max_epochs // 2 if end is None else min(max_epochs // 2, end)
         if end is None:
             end = max(start, (3 * max_epochs) // 4) if max_epochs is not None else start
         if max_epochs is not None and end >= max_epochs:
@@ -220,7 +232,7 @@ class StructuredConvCallback(CheapConvCallback):
         weight = self.current_reg_weight(trainer.current_epoch)
         total = torch.zeros((), device=pl_module.device)
         copies, params = [], []
-        for name in self.targets:
+        for name in self._dense(pl_module, self.targets):
             if name in self.projected:
                 continue
             param = pl_module.get_submodule(name).weight
@@ -244,9 +256,15 @@ class StructuredConvCallback(CheapConvCallback):
             pl_module.log("train/struct_reg", total, on_step=True, on_epoch=True, prog_bar=False)
 
     # -- projection -----------------------------------------------------------------------------
+    @staticmethod
+    def _dense(pl_module: pl.LightningModule, names: Sequence[str]) -> list[str]:
+        """Those of ``names`` still in dense form. A run resumed from a checkpoint saved after the fit-end
+        decomposition has them decomposed already: structured by construction, nothing to project."""
+        return [n for n in names if isinstance(pl_module.get_submodule(n), (nn.Conv2d, nn.Linear))]
+
     def _project(self, pl_module: pl.LightningModule, names: Sequence[str]) -> None:
         with torch.no_grad():
-            for name in names:
+            for name in self._dense(pl_module, names):
                 weight = pl_module.get_submodule(name).weight
                 weight.copy_(project(weight, self.specs[name]))
 
@@ -259,15 +277,18 @@ class StructuredConvCallback(CheapConvCallback):
 
     def _start_projecting(self, pl_module: pl.LightningModule, names: Sequence[str], when: str) -> None:
         with torch.no_grad():
-            moved = {n: float(structural_residual(pl_module.get_submodule(n).weight, self.specs[n])) for n in names}
+            moved = {
+                n: float(structural_residual(pl_module.get_submodule(n).weight, self.specs[n]))
+                for n in self._dense(pl_module, names)
+            }
         self._project(pl_module, names)
         self.projected.update(names)
         if self.verbose:
-            worst = max(moved.values())
+            worst = max(moved.values(), default=0.0)
             rank_zero_info(
                 f"StructuredConvCallback: {when}: projecting {len(names)} layer(s) "
                 f"({len(self.projected)}/{len(self.targets)} now structured; largest relative move {worst:.3g})"
-                + "".join(f"\n  {n}: moved {moved[n]:.3g}" for n in names if self.verbose > 1)
+                + "".join(f"\n  {n}: moved {moved[n]:.3g}" for n in moved if self.verbose > 1)
             )
 
     def on_train_batch_end(
@@ -281,7 +302,8 @@ class StructuredConvCallback(CheapConvCallback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         with torch.no_grad():
             self.layer_residuals = {
-                n: float(structural_residual(pl_module.get_submodule(n).weight, self.specs[n])) for n in self.targets
+                n: float(structural_residual(pl_module.get_submodule(n).weight, self.specs[n]))
+                for n in self._dense(pl_module, self.targets)
             }
         if self.verbose > 1:
             rank_zero_info(
@@ -296,22 +318,33 @@ class StructuredConvCallback(CheapConvCallback):
         remaining = [n for n in self.targets if n not in self.projected]
         if remaining:
             self._start_projecting(pl_module, remaining, "fit end")
-        example = self._example.to(pl_module.device) if self._example is not None else None
-        reference = self._outputs(pl_module, example)
-        decompose_structured(pl_module, specs=self.specs, plan=self.plan)
-        decomposed = self._outputs(pl_module, example)
-        if reference is not None and decomposed is not None:
-            scale = reference.abs().max().clamp_min(1e-12)
-            self.decomposition_error = float((decomposed - reference).abs().max() / scale)
+        dense = self._dense(pl_module, self.targets)
+        if dense:
+            self._decompose(trainer, pl_module, dense)
         if self.verbose:
             error = self.decomposition_error
             check = "" if error is None else f"; max relative output difference {error:.2e}"
-            rank_zero_info(f"StructuredConvCallback: decomposed {len(self.targets)} layer(s){check}")
+            rank_zero_info(f"StructuredConvCallback: decomposed {len(dense)} layer(s){check}")
         self._report(pl_module, "StructuredConvCallback: original vs decomposed")
         if self.export_path is not None and trainer.is_global_zero:
             self.export_path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(pl_module.state_dict(), self.export_path)
             rank_zero_info(f"StructuredConvCallback: decomposed state dict saved to {self.export_path}")
+
+    def _decompose(self, trainer: pl.Trainer, pl_module: pl.LightningModule, names: list[str]) -> None:
+        example = self._example.to(pl_module.device) if self._example is not None else None
+        reference = self._outputs(pl_module, example)
+        old = {n: pl_module.get_submodule(n) for n in names}
+        plan = [p for p in self.plan if p.action != "convert" or p.name in old]
+        decompose_structured(pl_module, specs={n: self.specs[n] for n in names}, plan=plan)
+        # The optimizers hold the decomposed parameters in place of the dense ones, so a checkpoint saved after
+        # fit (``trainer.save_checkpoint``) has optimizer state that fits the decomposed model on resume.
+        for name, layer in old.items():
+            swap_in_optimizers(trainer.optimizers, layer, pl_module.get_submodule(name))
+        decomposed = self._outputs(pl_module, example)
+        if reference is not None and decomposed is not None:
+            scale = reference.abs().max().clamp_min(1e-12)
+            self.decomposition_error = float((decomposed - reference).abs().max() / scale)
 
     @staticmethod
     def _outputs(pl_module: pl.LightningModule, example: torch.Tensor | None) -> torch.Tensor | None:

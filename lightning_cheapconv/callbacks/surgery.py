@@ -7,7 +7,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from lightning_fabric.utilities.exceptions import MisconfigurationException
-from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
+from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher
 from torch import nn
 
@@ -23,12 +23,13 @@ def check_strategy(trainer: pl.Trainer, who: str, changes_mid_fit: bool) -> None
             f"{who}: strategy {type(strategy).__name__} with a spawn/fork launcher runs fit in worker processes and "
             "loses architecture changes when it hands the weights back. Use strategy='ddp'."
         )
-    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+    # DeepSpeedStrategy subclasses DDPStrategy but shards weights and optimizer state: refuse it by name.
+    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, DeepSpeedStrategy):
         detail = "changes modules in the middle of fit" if changes_mid_fit else "reads and edits full weights"
         raise MisconfigurationException(
             f"{who}: strategy {type(strategy).__name__} is not supported: this callback {detail}, which sharded "
             "strategies (FSDP, DeepSpeed) do not allow. Use a single device or strategy='ddp'"
-            + (", or convert every layer at epoch 0 (start_epoch=0, stages=1)." if changes_mid_fit else ".")
+            + (", or convert the model before fit with convert_to_ghost()." if changes_mid_fit else ".")
         )
 
 
@@ -49,34 +50,35 @@ def _role(name: str) -> str:
 def swap_in_optimizers(optimizers: list[torch.optim.Optimizer], old: nn.Module, new: nn.Module) -> None:
     """Replace ``old``'s parameters by ``new``'s in every optimizer, in place.
 
-    Each new parameter takes the place of the old parameter with the same role (new weights where
-    the old weight was, new biases where the old bias was, in that group), so the groups list
-    their parameters exactly as a fresh ``configure_optimizers`` on the converted model would:
-    optimizer state then restores by position on resume. Old parameters and their state are
-    dropped; group hyper-parameters and LR schedulers are untouched. New parameters start with
-    empty state (no momentum). A role the old layer lacked joins the group of the new weights.
+    The new parameters go where the old ones were, so each group lists its parameters exactly as
+    a fresh ``configure_optimizers`` on the converted model would (optimizer state then restores
+    by position on resume): a run of consecutive old parameters in a group is replaced by the new
+    parameters with the same roles (weight, bias), in the new module's order. So a group built
+    from ``model.parameters()`` gets ``primary.weight, primary.bias, cheap.weight, cheap.bias``,
+    and groups split by role (weights with decay, biases without) get the new weights and the new
+    biases. Old parameters and their state are dropped; group hyper-parameters and LR schedulers
+    are untouched. New parameters start with empty state (no momentum). A role the old layer
+    lacked joins the new weights.
     """
     role_of = {id(p): _role(n) for n, p in old.named_parameters()}
-    new_by_role: dict[str, list[nn.Parameter]] = {"weight": [], "bias": []}
-    for name, param in new.named_parameters():
-        new_by_role[_role(name)].append(param)
+    old_roles = set(role_of.values())
+    new_params = [(_role(n) if _role(n) in old_roles else "weight", p) for n, p in new.named_parameters()]
     for optimizer in optimizers:
-        placed: dict[str, dict] = {}
         for group in optimizer.param_groups:
-            params = []
-            for p in group["params"]:
-                role = role_of.get(id(p))
-                if role is None:
-                    params.append(p)
+            params: list = []
+            run: set[str] = set()
+            for p in [*group["params"], None]:
+                role = role_of.get(id(p)) if p is not None else None
+                if role is not None:
+                    optimizer.state.pop(p, None)
+                    run.add(role)
                     continue
-                optimizer.state.pop(p, None)
-                params.extend(new_by_role[role])
-                placed[role] = group
+                if run:  # a run of old parameters ends: the new ones with the same roles, in module order
+                    params.extend(q for r, q in new_params if r in run)
+                    run = set()
+                if p is not None:
+                    params.append(p)
             group["params"] = params
-        if "weight" in placed:
-            for role, params in new_by_role.items():
-                if role not in placed:
-                    placed["weight"]["params"].extend(params)
 
 
 def rewrap(trainer: pl.Trainer) -> None:
