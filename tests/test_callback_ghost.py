@@ -249,7 +249,6 @@ class OptimizerProbe(Callback):
         ({"stages": True}, "stages"),
         ({"start_epoch": -1}, "start_epoch"),
         ({"calibration_batches": -2}, "calibration_batches"),
-        ({"calibration_batches": 2, "init": "random"}, "calibration_batches"),
         ({"order": "middle_first"}, "order"),
         ({"verbose": 3}, "verbose"),
         ({"include": 5}, "include"),

@@ -17,6 +17,7 @@ from lightning_cheapconv.convert import (
     convert_to_ghost,
     decompose_structured,
     ghost_from_conv,
+    recalibrate_batchnorm,
     replace_modules,
     select_layers,
     structure_spec_for,
@@ -618,3 +619,42 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def test_recalibrate_batchnorm_sets_plain_batch_statistics_and_restores_modes():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5), nn.Conv2d(8, 4, 1)
+    )
+    model.train()
+    model[1].momentum = 0.3
+    frozen = nn.BatchNorm2d(4).eval()  # a frozen BN inside a training model stays frozen
+    model.append(frozen)
+    inputs = torch.randn(40, 3, 6, 6)
+    assert recalibrate_batchnorm(model, inputs, batch_size=40) == 2  # one chunk: the exact batch statistics
+    with torch.no_grad():
+        features = model[0](inputs)
+    torch.testing.assert_close(model[1].running_mean, features.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model[1].running_var, features.var((0, 2, 3)), rtol=1e-4, atol=1e-6)
+    recalibrate_batchnorm(model, inputs, batch_size=20)  # equal chunks: the mean of chunk means
+    torch.testing.assert_close(model[1].running_mean, features.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    assert model[1].momentum == 0.3 and model.training and model[3].training and not frozen.training
+
+
+def test_calibration_recalibrates_batchnorm_after_ghost_conversion():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 1),
+    )  # fmt: skip
+    model.eval()
+    inputs = torch.randn(32, 3, 8, 8)
+    convert_to_ghost(model, calibration=inputs, skip_last=True)
+    with torch.no_grad():
+        features = model[3](model[2](model[1](model[0](inputs))))
+    # While re-estimating, BN 1 normalized with the biased batch variance; in eval mode it uses the stored
+    # unbiased one (a factor n/(n-1), n = 2048 here), so the features differ by ~5e-4 relative.
+    torch.testing.assert_close(model[4].running_mean, features.mean((0, 2, 3)), rtol=2e-3, atol=1e-4)
+    untouched = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8))
+    convert_to_ghost(untouched, calibration=inputs, recalibrate_bn=False, skip_first=False)
+    assert torch.equal(untouched[3].running_mean, torch.zeros(8))

@@ -10,7 +10,7 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from ..convert import LayerPlan, capture_inputs, ghost_from_conv, replace_modules, select_layers
+from ..convert import LayerPlan, capture_inputs, ghost_from_conv, recalibrate_batchnorm, replace_modules, select_layers
 from ..nn import GhostConv2d
 from .base import CheapConvCallback, Patterns
 from .schedule import Order
@@ -54,7 +54,9 @@ class GhostConvCallback(CheapConvCallback):
         ratio: s, an int >= 2 (``m = ceil(out/s)`` intrinsic maps).
         dw_size: d, an odd int >= 1 (the cheap depthwise kernel).
         init: ``"inherit"`` (map the trained weights) or ``"random"``.
-        calibration_batches: training batches used to fit inheritance on real activations (0: kernel space).
+        calibration_batches: training batches whose inputs fit the inheritance on real activations and,
+            after the conversion, re-estimate the BatchNorm statistics (0: kernel-space fit, statistics
+            left to training).
         start_epoch, end_epoch: first and last conversion epochs (``end_epoch`` defaults to
             ``start_epoch + stages - 1``).
         stages: number of groups converted at different epochs.
@@ -104,8 +106,6 @@ class GhostConvCallback(CheapConvCallback):
             raise MisconfigurationException(
                 f"end_epoch={end_epoch!r} is out of range; valid range is an int >= start_epoch={start_epoch}"
             )
-        if calibration_batches and init != "inherit":
-            raise MisconfigurationException("calibration_batches > 0 needs init='inherit'")
         self.ratio, self.dw_size, self.init = ratio, dw_size, init
         self.calibration_batches = calibration_batches
         self.start_epoch, self.end_epoch, self.stages = start_epoch, end_epoch, stages
@@ -189,7 +189,8 @@ class GhostConvCallback(CheapConvCallback):
         inputs: dict[str, Tensor] = {}
         if self._calibration:
             batch = torch.cat(self._calibration).to(pl_module.device)
-            inputs = capture_inputs(pl_module, batch, names)
+            if self.init == "inherit":
+                inputs = capture_inputs(pl_module, batch, names)
         new_modules: dict[str, nn.Module] = {}
         errors: dict[str, float | None] = {}
         for name in names:
@@ -208,6 +209,11 @@ class GhostConvCallback(CheapConvCallback):
             for name, new in new_modules.items():
                 swap_in_optimizers(trainer.optimizers, pl_module.get_submodule(name), new)
         replace_modules(pl_module, new_modules)
+        if self._calibration:
+            recalibrate_batchnorm(pl_module, batch)
+            for norm in pl_module.modules():
+                if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+                    broadcast_module(norm)  # rank 0's statistics, from rank 0's calibration batches
         if mid_fit:
             rewrap(trainer)
         self.fit_errors.update(errors)
