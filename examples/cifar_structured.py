@@ -14,14 +14,7 @@ import common
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", choices=("cifar10", "digits"), default="digits")
-    parser.add_argument("--data-dir", default="data", help="where cifar-10-batches-py is (or goes, with --download)")
-    parser.add_argument("--download", action="store_true")
-    parser.add_argument("--arch", default="resnet20", help="resnet20..resnet110, vgg16, or a torchvision name")
-    common.trainer_arguments(parser, epochs=8, batch_size=64, lr=0.05)
-    common.structured_arguments(parser)
-    return parser.parse_args(argv)
+    return common.cifar_parser(__doc__, "structured").parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:

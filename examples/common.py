@@ -71,6 +71,18 @@ def structured_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--project-end-epoch", type=int, default=None, help="default: three quarters of --epochs")
 
 
+def cifar_parser(description: str, method: str) -> argparse.ArgumentParser:
+    """Arguments of the CIFAR examples: data set, architecture, training, and the method's callback."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=("cifar10", "digits"), default="digits")
+    parser.add_argument("--data-dir", default="data", help="where cifar-10-batches-py is (or goes, with --download)")
+    parser.add_argument("--download", action="store_true")
+    parser.add_argument("--arch", default="resnet20", help="resnet20..resnet110, vgg16, or a torchvision name")
+    trainer_arguments(parser, epochs=8, batch_size=64, lr=0.05)
+    (ghost_arguments if method == "ghost" else structured_arguments)(parser)
+    return parser
+
+
 def make_callback(method: str, args: argparse.Namespace) -> Callback:
     if method == "ghost":
         return GhostConvCallback(

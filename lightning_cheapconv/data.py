@@ -69,6 +69,45 @@ def _split_count(val_split: int | float, total: int) -> int:
     return count
 
 
+class _ImageDataModule(LightningDataModule):
+    """Loader plumbing shared by the data modules: subclasses fill ``train_set``, ``val_set`` and (if
+    it differs from the validation split) ``test_set`` in ``setup``."""
+
+    drop_last_train = False  # ImageNet drops the last incomplete batch (BatchNorm over a tiny batch)
+    train_set: Dataset | None = None
+    val_set: Dataset | None = None
+    test_set: Dataset | None = None
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not been called for this stage")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=_pin_memory(self.pin_memory),
+            persistent_workers=_persistent(getattr(self, "persistent_workers", None), self.num_workers),
+            drop_last=shuffle and self.drop_last_train,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled (and, where configured, augmented) training batches."""
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches."""
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches: the test set where there is one, else the validation split again."""
+        return self._loader(self.test_set if self.test_set is not None else self.val_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Same batches as :meth:`test_dataloader`."""
+        return self.test_dataloader()
+
+
 class _TransformedSubset(Dataset):
     """``Subset`` of a data set that returns untransformed samples, with its own transform."""
 
@@ -99,7 +138,7 @@ class _CIFAR10Files(datasets.CIFAR10):
     meta = {**datasets.CIFAR10.meta, "md5": None}
 
 
-class CIFAR10DataModule(LightningDataModule):
+class CIFAR10DataModule(_ImageDataModule):
     """CIFAR-10 (Krizhevsky, 2009) through torchvision, with the standard augmentation.
 
     Training images get ``RandomCrop(32, padding=4)`` and ``RandomHorizontalFlip``; all images are normalised with
@@ -218,34 +257,6 @@ class CIFAR10DataModule(LightningDataModule):
             else:
                 self.test_set = _CIFAR10Files(root, train=False, transform=self.eval_transform())
 
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"{type(self).__name__}.setup() has not been called for this stage")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=_pin_memory(self.pin_memory),
-            persistent_workers=_persistent(self.persistent_workers, self.num_workers),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled, augmented training batches."""
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches: the carved split, or the test set when ``val_split=0``."""
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Test-set batches (the official 10,000 test images)."""
-        return self._loader(self.test_set, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """Same batches as :meth:`test_dataloader`."""
-        return self.test_dataloader()
-
 
 def _class_folders(path: Path) -> list[str]:
     return sorted(entry.name for entry in os.scandir(path) if entry.is_dir() and not entry.name.startswith("."))
@@ -261,7 +272,7 @@ class _ImageFolder(datasets.ImageFolder):
         return classes, {name: i for i, name in enumerate(classes)}
 
 
-class ImageNetDataModule(LightningDataModule):
+class ImageNetDataModule(_ImageDataModule):
     """ImageNet-style data in the ``ImageFolder`` layout: ``<data_dir>/train/<class>/*.JPEG`` and ``val/...``.
 
     Training images get ``RandomResizedCrop(image_size)`` and a horizontal flip; validation images are resized so
@@ -286,6 +297,8 @@ class ImageNetDataModule(LightningDataModule):
         model = ImageClassifier("ghostnet_100", num_classes=dm.num_classes, lr=0.4)
         pl.Trainer(max_epochs=90, accelerator="gpu", devices=8, strategy="ddp").fit(model, datamodule=dm)
     """
+
+    drop_last_train = True
 
     def __init__(
         self,
@@ -384,35 +397,6 @@ class ImageNetDataModule(LightningDataModule):
             self.train_set = _ImageFolder(str(self._folder("train")), transform=self.train_transform())
         self.val_set = _ImageFolder(str(self._folder("val")), transform=self.eval_transform())
 
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"{type(self).__name__}.setup() has not been called for this stage")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=_pin_memory(self.pin_memory),
-            persistent_workers=_persistent(self.persistent_workers, self.num_workers),
-            drop_last=shuffle,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled, augmented training batches (the last incomplete batch is dropped)."""
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches (resize + centre crop)."""
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """The validation split again (ImageNet's test labels are not public)."""
-        return self._loader(self.val_set, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """Same batches as :meth:`val_dataloader`."""
-        return self.val_dataloader()
-
 
 class _RandomShift(Dataset):
     """Random translation by up to ``pad`` pixels (zero padding, then a random crop) on an image tensor data set."""
@@ -439,7 +423,7 @@ class _RandomShift(Dataset):
         return image, self.targets[index]
 
 
-class DigitsDataModule(LightningDataModule):
+class DigitsDataModule(_ImageDataModule):
     """scikit-learn's bundled handwritten digits (1,797 real 8x8 images), shaped like CIFAR for the CIFAR models.
 
     The only real image data set that is always available offline. Pixel values 0..16 are scaled to [0, 1], resized
@@ -548,31 +532,3 @@ class DigitsDataModule(LightningDataModule):
         else:
             self.train_set = TensorDataset(train_images, train_targets)
         self.val_set = TensorDataset(images[val_idx_t], targets[val_idx_t])
-
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"{type(self).__name__}.setup() has not been called")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=_pin_memory(self.pin_memory),
-            persistent_workers=_persistent(None, self.num_workers),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches."""
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches."""
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """The validation split again."""
-        return self._loader(self.val_set, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """Same batches as :meth:`val_dataloader`."""
-        return self.val_dataloader()
