@@ -221,10 +221,13 @@ class GhostConvCallback(CheapConvCallback):
         if self.verbose:
             fitted = [e for e in errors.values() if e is not None]
             detail = f", mean fit error {sum(fitted) / len(fitted):.3g}" if fitted else f", init={self.init}"
+            per_layer = "".join(
+                f"\n  {n}: fit error {e:.3g}" if e is not None else f"\n  {n}" for n, e in errors.items()
+            )
             rank_zero_info(
                 f"GhostConvCallback: {when}: converted {len(names)} layer(s) "
-                f"({len(self.fit_errors)}/{len(self.targets)} now Ghost{detail}): "
-                + ", ".join(f"{n} ({e:.3g})" if e is not None else n for n, e in errors.items())
+                f"({len(self.fit_errors)}/{len(self.targets)} now Ghost{detail})"
+                + (per_layer if self.verbose > 1 else "")
             )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
