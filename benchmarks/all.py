@@ -16,7 +16,15 @@ from pathlib import Path
 
 from .common import RESULTS, machine
 
-ORDER = ("counts", "latency", "ops", "accuracy", "overhead")
+# Section name -> (module, arguments), in the order of BENCHMARKS.md.
+RUNS = {
+    "counts": ("counts", []),
+    "latency": ("latency", []),
+    "ops": ("ops", []),
+    "ops_channels_last": ("ops", ["--channels-last"]),
+    "accuracy": ("accuracy", []),
+    "overhead": ("overhead", []),
+}
 OUTPUT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 HEADER = """\
 # Benchmarks
@@ -29,7 +37,7 @@ shared machine: treat differences under about 10-20% as noise (each table says h
 
 
 def assemble() -> str:
-    sections = [RESULTS / f"{name}.md" for name in ORDER if (RESULTS / f"{name}.md").exists()]
+    sections = [RESULTS / f"{name}.md" for name in RUNS if (RESULTS / f"{name}.md").exists()]
     texts = [path.read_text() for path in sections]
     missed = [m for text in texts for m in re.findall(r"<!-- missed: (.*?) -->", text)]
     bodies = [re.sub(r"<!-- missed: .*? -->\n", "", text) for text in texts]
@@ -43,14 +51,15 @@ def assemble() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", choices=ORDER, default=list(ORDER))
+    parser.add_argument("--only", nargs="*", choices=list(RUNS), default=list(RUNS))
     parser.add_argument("--assemble", action="store_true", help="only rebuild BENCHMARKS.md from saved sections")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     if not args.assemble:
         print(f"machine: {machine()}")
         for name in args.only:
-            importlib.import_module(f"benchmarks.{name}").main(["--quick"] if args.quick else [])
+            module, arguments = RUNS[name]
+            importlib.import_module(f"benchmarks.{module}").main(arguments + (["--quick"] if args.quick else []))
     assemble()
     print(f"wrote {OUTPUT}")
 

@@ -34,6 +34,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_cheapconv.nn import GhostConv2d, StructuredConv2d
 
+from .common import Section, command
+
 
 @dataclass(frozen=True)
 class Layer:
@@ -168,7 +170,21 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def missed_targets(rows: list[dict], device: str) -> list[str]:
+    """Issue target: on CPU, a structured layer with a MAC cut >= 2x is at least 1.3x faster than dense at batch 32."""
+    return [
+        f"ops ({device}): {r['layer']} batch {r['batch']}, {r['form']} (MAC cut {r['mac_ratio']:.2f}x) is "
+        f"{r['speedup']:.2f}x the dense speed (target: at least 1.3x)"
+        for r in rows
+        if device == "cpu"
+        and r["batch"] == 32
+        and r["form"].startswith("structured c=")
+        and r["mac_ratio"] >= 2.0
+        and r["speedup"] < 1.3
+    ]
+
+
+def main(argv: list[str] | None = None) -> Section:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
     parser.add_argument("--channels-last", action="store_true", help="NHWC memory format for inputs and weights")
@@ -188,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("CUDA is not available")
     reps, warmup = (3, 1) if args.quick else (15, 3)
 
+    parts, missed = [], []
     for device in devices:
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -196,14 +213,20 @@ def main(argv: list[str] | None = None) -> None:
         else:
             what = f"CPU, {torch.get_num_threads()} threads"
             target_s = 0.02
-        print(
-            f"\n### {what}, float32, {'channels_last' if args.channels_last else 'NCHW'}, torch {torch.__version__}\n"
+        rows = run(device, args.channels_last, reps, warmup, target_s)
+        missed += missed_targets(rows, device.type)
+        parts.append(
+            f"### {what}, float32, {'channels_last' if args.channels_last else 'NCHW'}\n\n"
             f"inference_mode forward; median of {reps} round-robin samples after {warmup} warm-up rounds. "
             "ms: median; IQR: interquartile range of the samples / median (noise). Speed-up (from medians) and "
             "MAC ratio are dense / form (2.00x = half); pool adds are the structured sum-pool's additions, which MAC "
-            "counts leave out.\n"
+            "counts leave out.\n\n" + markdown(rows)
         )
-        print(markdown(run(device, args.channels_last, reps, warmup, target_s)), flush=True)
+    name = "ops_channels_last" if args.channels_last else "ops"
+    title = "2b. Single layers: dense vs cheap forms" + (" (channels_last)" if args.channels_last else "")
+    section = Section(name, title, "\n\n".join(parts), command(__spec__.name, argv), missed)
+    section.save()
+    return section
 
 
 if __name__ == "__main__":
