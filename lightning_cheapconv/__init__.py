@@ -14,6 +14,7 @@ from .checkpoint import install_restructure_hook, restructure
 from .complexity import Complexity, LayerComplexity, compression_ratios, count_complexity, format_count
 from .convert import ConversionResult, convert_to_ghost, decompose_structured, select_layers
 from .data import CIFAR10DataModule, DigitsDataModule, ImageNetDataModule
+from .deploy import InferenceReport, export_model, fold_batchnorm, optimize_for_inference
 from .models import CifarResNet, CifarVGG, GhostNet, get_model, list_models
 from .module import ImageClassifier
 from .nn import (
@@ -47,6 +48,7 @@ __all__ = [
     "GhostNet",
     "ImageClassifier",
     "ImageNetDataModule",
+    "InferenceReport",
     "LayerComplexity",
     "SqueezeExcite",
     "StructureSpec",
@@ -58,10 +60,13 @@ __all__ = [
     "convert_to_ghost",
     "count_complexity",
     "decompose_structured",
+    "export_model",
+    "fold_batchnorm",
     "format_count",
     "get_model",
     "install_restructure_hook",
     "list_models",
+    "optimize_for_inference",
     "restructure",
     "select_layers",
 ]

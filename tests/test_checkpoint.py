@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_cheapconv.checkpoint import Restructured, dense_from_record, install_restructure_hook, restructure
 from lightning_cheapconv.convert import convert_to_ghost, decompose_structured, replace_modules
-from lightning_cheapconv.nn import GhostConv2d, StructuredConv2d, StructuredLinear
+from lightning_cheapconv.nn import GhostConv2d, StructuredConv2d, StructuredLinear, build_from_record
 
 
 class _Net(nn.Module):
@@ -361,3 +361,20 @@ def test_torch_save_and_weights_only_load(tmp_path):
         model.load_state_dict(loaded[key])
         assert torch.equal(_out(model), _out(reference))
         assert _names(model) == _names(reference)
+
+
+def test_models_built_from_recorded_blocks_restructure_as_they_are():
+    # GhostNet's SE, and the other recorded operators, are kinds restructure knows: a GhostNet state dict
+    # loads into a fresh GhostNet with nothing rebuilt.
+    from lightning_cheapconv.models import ghostnet_050
+    from lightning_cheapconv.nn import ChannelShuffle, CReLU, DepthwiseSeparableConv2d
+
+    source = ghostnet_050().eval()
+    fresh = ghostnet_050().eval()
+    assert restructure(fresh, source.state_dict()) == []
+    fresh.load_state_dict(source.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(fresh(x), source(x))
+    for module in (ChannelShuffle(2), CReLU(), DepthwiseSeparableConv2d(4, 8, 3)):
+        rebuilt = build_from_record(module.structure_record())
+        assert type(rebuilt) is type(module) and rebuilt.structure_record() == module.structure_record()

@@ -1,6 +1,7 @@
 """Cheap operators in pure PyTorch (no Lightning import)."""
 
 from .crelu import CReLU
+from .fused import FoldedBatchNorm, FusedConv2d
 from .ghost import GhostBottleneck, GhostConv2d
 from .record import build_from_record
 from .separable import DepthwiseSeparableConv2d
@@ -12,6 +13,8 @@ __all__ = [
     "CReLU",
     "ChannelShuffle",
     "DepthwiseSeparableConv2d",
+    "FoldedBatchNorm",
+    "FusedConv2d",
     "GhostBottleneck",
     "GhostConv2d",
     "SqueezeExcite",

@@ -7,11 +7,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .record import StructureRecordMixin
+from .record import StructureRecordMixin, register_kind
 
 __all__ = ["CReLU"]
 
 
+@register_kind
 class CReLU(StructureRecordMixin, nn.Module):
     """``cat([relu(x), relu(-x)], dim)``: the output has twice the channels of the input.
 

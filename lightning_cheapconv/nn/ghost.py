@@ -159,16 +159,6 @@ class GhostConv2d(StructureRecordMixin, nn.Module):
             "permuted": self.output_index is not None,
         }
 
-    @classmethod
-    def from_record(cls, record: dict) -> GhostConv2d:
-        kwargs = {
-            k: (tuple(v) if isinstance(v, list) else v) for k, v in record.items() if k not in ("kind", "version")
-        }
-        for key in ("norm_layer", "act_layer"):
-            if kwargs.get(key) is not None:
-                kwargs[key] = getattr(nn, kwargs[key])
-        return cls(**kwargs)
-
     def forward(self, x: Tensor) -> Tensor:
         intrinsic = self.primary_conv(x)
         out = torch.cat([intrinsic, self.cheap_operation(intrinsic)], dim=1)

@@ -76,9 +76,13 @@ class StructureRecordMixin:
 
     @classmethod
     def from_record(cls, record: dict) -> nn.Module:
+        """Build the module from its record: lists become tuples, ``*_layer`` names become ``torch.nn`` classes."""
         kwargs = {
             k: (tuple(v) if isinstance(v, list) else v) for k, v in record.items() if k not in ("kind", "version")
         }
+        for key, value in kwargs.items():
+            if key.endswith("_layer") and isinstance(value, str):
+                kwargs[key] = getattr(nn, value)
         return cls(**kwargs)
 
     def get_extra_state(self) -> dict[str, Any]:

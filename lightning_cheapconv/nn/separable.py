@@ -7,11 +7,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .record import StructureRecordMixin
+from .record import StructureRecordMixin, register_kind
 
 __all__ = ["DepthwiseSeparableConv2d"]
 
 
+@register_kind
 class DepthwiseSeparableConv2d(StructureRecordMixin, nn.Module):
     """A depthwise ``k x k`` conv (one filter per input channel) followed by a pointwise 1x1 conv.
 

@@ -6,11 +6,12 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .record import StructureRecordMixin
+from .record import StructureRecordMixin, register_kind
 
 __all__ = ["ChannelShuffle"]
 
 
+@register_kind
 class ChannelShuffle(StructureRecordMixin, nn.Module):
     """Interleave channels across ``groups`` so that the next grouped conv sees every group.
 

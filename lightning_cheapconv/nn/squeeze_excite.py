@@ -7,11 +7,12 @@ from typing import Any
 from torch import Tensor, nn
 
 from .functional import make_divisible
-from .record import StructureRecordMixin
+from .record import StructureRecordMixin, register_kind
 
 __all__ = ["SqueezeExcite"]
 
 
+@register_kind
 class SqueezeExcite(StructureRecordMixin, nn.Module):
     """Channel attention: global average pool, 1x1 conv down to ``channels·se_ratio``, activation,
     1x1 conv back up, gate, and rescale the input.

@@ -1,0 +1,255 @@
+"""Whole-model latency: original, converted (Ghost, structured) and optimized, on this machine.
+
+Run ``python -m benchmarks.latency`` (``--quick`` for a CPU run of a few minutes on 2 cores: fewer
+repetitions, and batch 8 instead of 32 for the 224x224 models). It answers "MACs went down, did
+latency?" for CIFAR ResNet-56 (32x32) and torchvision ResNet-18, ResNet-50 and MobileNetV2
+(224x224), at batch 1 and 32, on CPU (2 threads by default) and, when CUDA is available, on the
+GPU in float32 and in bfloat16 with channels_last.
+
+Forms of each model:
+
+- ``original``: the dense model as built (random weights: timing does not depend on them);
+- ``original, BN folded``: the same with BatchNorm folded into the convs (what any deployment does);
+- ``ghost``: ``convert_to_ghost(ratio=2, dw_size=3)`` (first conv and classifier kept);
+- ``ghost optimized``: :func:`~lightning_cheapconv.deploy.optimize_for_inference` on it, given the
+  original so that it may fall back to it (the kept configuration is shown);
+- ``structured``: ``decompose_structured`` with c = C, n = k - 1 (3x3 -> 2x2; 1x1 convs are kept),
+  decomposed (sum-pool + small conv);
+- ``structured, dense``: the same folded back into dense convs (``to_dense()``);
+- ``structured optimized``: ``optimize_for_inference`` on the decomposed model, given the original.
+
+All forms of one model, device and batch are timed in one process, interleaved round-robin
+(:func:`~lightning_cheapconv.deploy.time_interleaved`), median of the repetitions. Speed-up is
+original / form (2.00x = half the time). The MAC ratio (original / form, FlopCounterMode FLOPs / 2)
+is the compute-bound limit of the speed-up. IQR is the interquartile range of the samples over
+their median: how noisy the machine was while measuring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import shlex
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torchvision
+from torch import nn
+
+from lightning_cheapconv import convert_to_ghost, count_complexity, decompose_structured, get_model
+from lightning_cheapconv.deploy import fold_batchnorm, optimize_for_inference, time_interleaved
+from lightning_cheapconv.nn import StructuredConv2d, StructuredLinear
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    build: Callable[[], nn.Module]
+    size: int
+
+
+SPECS = {
+    "resnet56": Spec("CIFAR ResNet-56", lambda: get_model("resnet56", num_classes=10), 32),
+    "resnet18": Spec("ResNet-18", lambda: torchvision.models.resnet18(num_classes=1000), 224),
+    "resnet50": Spec("ResNet-50", lambda: torchvision.models.resnet50(num_classes=1000), 224),
+    "mobilenet_v2": Spec("MobileNetV2", lambda: torchvision.models.mobilenet_v2(num_classes=1000), 224),
+}
+
+
+def randomize_bn(model: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm statistics (folding has work to do; timing does not depend on them)."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=generator) - 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+    return model.eval()
+
+
+def all_dense(model: nn.Module) -> nn.Module:
+    """A copy with every structured layer folded back into its dense layer."""
+    from lightning_cheapconv.convert import replace_modules
+
+    dense = copy.deepcopy(model)
+    replacements = {
+        name: m.to_dense() for name, m in dense.named_modules() if isinstance(m, (StructuredConv2d, StructuredLinear))
+    }
+    replace_modules(dense, replacements)
+    return dense.eval()
+
+
+def base_forms(spec: Spec) -> dict[str, nn.Module]:
+    """The forms that do not depend on device or batch."""
+    torch.manual_seed(0)
+    original = randomize_bn(spec.build())
+    ghost = copy.deepcopy(original)
+    convert_to_ghost(ghost, ratio=2, dw_size=3, init="random")
+    structured = copy.deepcopy(original)
+    decompose_structured(structured, channel_ratio=1.0, kernel_reduction=1)
+    return {
+        "original": original,
+        "ghost": ghost.eval(),
+        "structured": structured.eval(),
+        "structured, dense": all_dense(structured),
+    }
+
+
+def macs(model: nn.Module, size: int) -> int:
+    return count_complexity(copy.deepcopy(model).float().cpu(), input_shape=(1, 3, size, size)).macs
+
+
+def measure(
+    spec: Spec,
+    base: dict[str, nn.Module],
+    device: torch.device,
+    dtype: torch.dtype,
+    channels_last: bool,
+    batch: int,
+    repeats: int,
+    min_time: float,
+    mac_counts: dict[str, int],
+) -> list[dict]:
+    def place(m: nn.Module) -> nn.Module:
+        m = copy.deepcopy(m).to(device=device, dtype=dtype).eval()
+        return m.to(memory_format=torch.channels_last) if channels_last else m
+
+    x = torch.randn(batch, 3, spec.size, spec.size, generator=torch.Generator().manual_seed(0))
+    x = x.to(device=device, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    forms = {name: place(m) for name, m in base.items()}
+    folded = copy.deepcopy(forms["original"])
+    fold_batchnorm(folded, x)
+    forms = {
+        "original": forms["original"],
+        "original, BN folded": folded,
+        **{k: v for k, v in forms.items() if k != "original"},
+    }
+    kept: dict[str, str] = {}
+    form_macs = dict(mac_counts)
+    for method in ("ghost", "structured"):
+        report = optimize_for_inference(
+            forms[method], x, device, repeats=repeats, min_time=min_time, original=forms["original"]
+        )
+        forms[f"{method} optimized"] = report.model
+        kept[f"{method} optimized"] = report.chosen_configuration
+        form_macs[f"{method} optimized"] = macs(report.model, spec.size)
+    order = [
+        "original",
+        "original, BN folded",
+        "ghost",
+        "ghost optimized",
+        "structured",
+        "structured, dense",
+        "structured optimized",
+    ]
+    forms = {name: forms[name] for name in order}
+    latency = time_interleaved(
+        {name: (lambda m=m: m(x)) for name, m in forms.items()},
+        repeats=repeats,
+        min_time=min_time,
+        warmup=1,
+        device=device,
+    )
+    rows = []
+    for name in order:
+        lat = latency[name]
+        rows.append(
+            {
+                "model": spec.name,
+                "batch": batch,
+                "form": name + (f" (kept: {kept[name]})" if name in kept else ""),
+                "ms": lat.median_ms,
+                "spread": lat.spread,
+                "speedup": latency["original"].median_ms / lat.median_ms,
+                "mac_ratio": form_macs["original"] / form_macs[name],
+            }
+        )
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| model | batch | form | ms | IQR | speed-up vs original | MAC ratio |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['form']} | {r['ms']:.2f} | {r['spread']:.0%} | {r['speedup']:.2f}x "
+            f"| {r['mac_ratio']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def machine(threads: int) -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    load = ""
+    if hasattr(os, "getloadavg"):
+        load = ", load average " + " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    return (
+        f"CPU: {cpu} ({os.cpu_count()} logical cores, {threads} torch threads{load}); GPU: {gpu}; "
+        f"torch {torch.__version__}, torchvision {torchvision.__version__}, Python {platform.python_version()}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 repetitions; batch 8 instead of 32 at 224x224")
+    parser.add_argument("--models", nargs="+", choices=sorted(SPECS), default=list(SPECS), help="models to run")
+    parser.add_argument("--batches", nargs="+", type=int, default=None, help="batch sizes (default 1 32)")
+    parser.add_argument("--device", choices=("all", "cpu", "cuda"), default="all", help="'all': CPU, and CUDA if any")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="samples per form (default 7, --quick 3)")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    repeats = args.repeats or (3 if args.quick else 7)
+    setups: list[tuple[torch.device, torch.dtype, bool, str]] = []
+    if args.device in ("all", "cpu"):
+        setups.append((torch.device("cpu"), torch.float32, False, f"CPU, {args.threads} threads, float32"))
+    if args.device in ("all", "cuda") and torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+        gpu = torch.cuda.get_device_name()
+        setups.append((torch.device("cuda"), torch.float32, False, f"{gpu}, float32, NCHW"))
+        setups.append((torch.device("cuda"), torch.bfloat16, True, f"{gpu}, bfloat16, channels_last"))
+    if not setups:
+        parser.error("CUDA is not available")
+
+    print(f"Command: `{shlex.join([sys.executable.rsplit('/', 1)[-1], '-m', 'benchmarks.latency', *sys.argv[1:]])}`")
+    print(f"Machine: {machine(args.threads)}")
+    print(
+        f"\nMedian of {repeats} interleaved round-robin samples per form after warm-up (inference_mode). Speed-up = "
+        "original / form; MAC ratio = original / form (FLOPs / 2, FlopCounterMode) = the compute-bound limit. "
+        "IQR = interquartile range / median (noise). 'kept' = the configuration optimize_for_inference returned "
+        "('optimized': per-layer choice; 'all dense': every structured layer folded; 'original': the dense model; "
+        "'as given': unchanged).",
+        flush=True,
+    )
+    for device, dtype, channels_last, title in setups:
+        rows: list[dict] = []
+        print(f"\n### {title}\n", flush=True)
+        for key in args.models:
+            spec = SPECS[key]
+            base = base_forms(spec)
+            counts = {name: macs(m, spec.size) for name, m in base.items()}
+            counts["original, BN folded"] = counts["original"]
+            batches = args.batches or ([1, 8] if args.quick and spec.size > 64 and device.type == "cpu" else [1, 32])
+            for batch in batches:
+                part = measure(spec, base, device, dtype, channels_last, batch, repeats, 0.01, counts)
+                print(markdown(part).split("\n", 2)[2] if rows else markdown(part), flush=True)
+                rows.extend(part)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Inference forms with structure records: a conv with a BatchNorm folded in, and what stands where
+the BatchNorm was. Made by :func:`lightning_cheapconv.deploy.fold_batchnorm`; they live among the
+operators so that :func:`lightning_cheapconv.restructure` knows their kinds without importing deploy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from .record import StructureRecordMixin, register_kind
+
+__all__ = ["FusedConv2d", "FoldedBatchNorm"]
+
+
+@register_kind
+class FusedConv2d(StructureRecordMixin, nn.Conv2d):
+    """An ``nn.Conv2d`` into which the BatchNorm that followed it was folded (for inference).
+
+    It computes exactly what ``nn.Conv2d`` computes; it differs only in describing itself in
+    checkpoints, so that :func:`lightning_cheapconv.restructure` can rebuild it (with its bias) in a
+    fresh model whose conv has none. :func:`lightning_cheapconv.deploy.fold_batchnorm` makes it and
+    puts a :class:`FoldedBatchNorm` where the BatchNorm was.
+
+    Example::
+
+        >>> fused = FusedConv2d(16, 32, 3, padding=1)
+        >>> fused(torch.randn(1, 16, 8, 8)).shape
+        torch.Size([1, 32, 8, 8])
+    """
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": self.kernel_size,
+            "stride": self.stride,
+            "padding": self.padding,
+            "dilation": self.dilation,
+            "groups": self.groups,
+            "bias": self.bias is not None,
+            "padding_mode": self.padding_mode,
+        }
+
+
+@register_kind
+class FoldedBatchNorm(StructureRecordMixin, nn.Module):
+    """The identity that stands where a BatchNorm was folded into the preceding layer.
+
+    Its record keeps the BatchNorm's size, so :func:`lightning_cheapconv.restructure` replaces the
+    BatchNorm of a fresh model by it when loading the state dict of a BN-folded model.
+
+    Example::
+
+        >>> folded = FoldedBatchNorm(32)
+        >>> x = torch.randn(1, 32, 4, 4)
+        >>> torch.equal(folded(x), x)
+        True
+    """
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
+            raise ValueError(f"FoldedBatchNorm: num_features must be a positive int, got {num_features!r}")
+        self.num_features = num_features
+
+    def config(self) -> dict[str, Any]:
+        return {"num_features": self.num_features}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}"
