@@ -22,16 +22,13 @@ interquartile range over their median: how noisy the machine was.
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from lightning_cheapconv.deploy import time_interleaved
 from lightning_cheapconv.nn import GhostConv2d, StructuredConv2d
 
 from .common import Section, command
@@ -77,48 +74,6 @@ def count_macs(module: nn.Module, x: torch.Tensor) -> int:
     return counter.get_total_flops() // 2
 
 
-def _sync(device: torch.device) -> Callable[[], None]:
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
-
-
-def time_forms(
-    forms: dict[str, nn.Module], x: torch.Tensor, reps: int, warmup: int, target_s: float
-) -> dict[str, tuple[float, float, float]]:
-    """Median and minimum seconds per forward call of each form, and the samples' relative spread
-    (interquartile range / median), sampled round-robin (the start rotates every repetition)."""
-    sync = _sync(x.device)
-    names = list(forms)
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for name in names:
-                forms[name](x)
-        sync()
-        # Calls per sample: enough that the dense layer's sample lasts ~target_s (short calls are noisy).
-        start = time.perf_counter()
-        forms[names[0]](x)
-        sync()
-        number = max(1, math.ceil(target_s / max(time.perf_counter() - start, 1e-6)))
-        samples: dict[str, list[float]] = {name: [] for name in names}
-        for rep in range(reps):
-            shift = rep % len(names)
-            for name in names[shift:] + names[:shift]:
-                module = forms[name]
-                sync()
-                start = time.perf_counter()
-                for _ in range(number):
-                    module(x)
-                sync()
-                samples[name].append((time.perf_counter() - start) / number)
-    result = {}
-    for name, values in samples.items():
-        median = statistics.median(values)
-        quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else [median] * 3
-        result[name] = (median, min(values), (quartiles[2] - quartiles[0]) / median)
-    return result
-
-
 def run(device: torch.device, channels_last: bool, reps: int, warmup: int, target_s: float) -> list[dict]:
     rows = []
     for layer in LAYERS:
@@ -136,19 +91,25 @@ def run(device: torch.device, channels_last: bool, reps: int, warmup: int, targe
                     if module(x).shape != reference.shape:
                         raise RuntimeError(f"{layer.name} {name}: output shape differs from the dense layer's")
             macs = {name: count_macs(module, x) for name, module in forms.items()}
-            timings = time_forms(forms, x, reps, warmup, target_s)
+            timings = time_interleaved(
+                {name: (lambda m=module, x=x: m(x)) for name, module in forms.items()},
+                repeats=reps,
+                min_time=target_s,
+                warmup=warmup,
+                device=device,
+            )
             for name, module in forms.items():
-                seconds, fastest, spread = timings[name]
+                latency = timings[name]
                 adds = module.pooling_additions(tuple(x.shape)) if isinstance(module, StructuredConv2d) else 0
                 rows.append(
                     {
                         "layer": layer.name,
                         "batch": batch,
                         "form": name,
-                        "ms": seconds * 1e3,
-                        "min_ms": fastest * 1e3,
-                        "spread": spread,
-                        "speedup": timings["dense"][0] / seconds,
+                        "ms": latency.median_ms,
+                        "min_ms": latency.min_ms,
+                        "spread": latency.spread,
+                        "speedup": timings["dense"].median_ms / latency.median_ms,
                         "mac_ratio": macs["dense"] / macs[name],
                         "pool_adds_m": adds / 1e6,
                     }
