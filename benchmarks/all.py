@@ -33,6 +33,8 @@ Regenerate everything with `make bench` (`python -m benchmarks.all`); each secti
 command and the machine that produced it. Ratios are original / compressed (2.0x = half) or
 original time / new time (above 1.0x = faster), measured in one process. Timings come from a
 shared machine: treat differences under about 10-20% as noise (each table says how it was timed).
+The latency scripts add CUDA tables (fp32, and bf16 channels_last) when run where a GPU is visible;
+the tables below say which devices they cover.
 """
 
 

@@ -131,10 +131,10 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def missed_targets(rows: list[dict], device: str) -> list[str]:
+def missed_targets(rows: list[dict], device: str, layout: str) -> list[str]:
     """Issue target: on CPU, a structured layer with a MAC cut >= 2x is at least 1.3x faster than dense at batch 32."""
     return [
-        f"ops ({device}): {r['layer']} batch {r['batch']}, {r['form']} (MAC cut {r['mac_ratio']:.2f}x) is "
+        f"ops ({device}, {layout}): {r['layer']} batch {r['batch']}, {r['form']} (MAC cut {r['mac_ratio']:.2f}x) is "
         f"{r['speedup']:.2f}x the dense speed (target: at least 1.3x)"
         for r in rows
         if device == "cpu"
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> Section:
             what = f"CPU, {torch.get_num_threads()} threads"
             target_s = 0.02
         rows = run(device, args.channels_last, reps, warmup, target_s)
-        missed += missed_targets(rows, device.type)
+        missed += missed_targets(rows, device.type, "channels_last" if args.channels_last else "NCHW")
         parts.append(
             f"### {what}, float32, {'channels_last' if args.channels_last else 'NCHW'}\n\n"
             f"inference_mode forward; median of {reps} round-robin samples after {warmup} warm-up rounds. "
