@@ -56,7 +56,7 @@ from .complexity import count_complexity, format_count
 from .convert import replace_modules
 from .nn import GhostConv2d, StructuredConv2d, StructuredLinear
 from .nn.fused import FoldedBatchNorm, FusedConv2d
-from .nn.record import StructureRecordMixin
+from .nn.record import StructureRecordMixin, conv_config
 
 __all__ = [
     "CHEAP_TYPES",
@@ -440,15 +440,7 @@ def _fuse_plain(conv: nn.Conv2d, bn: nn.Module) -> nn.Module:
         None if bn.bias is None else bn.bias.detach().double(),
     )
     fused = FusedConv2d(
-        conv.in_channels,
-        conv.out_channels,
-        conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        groups=conv.groups,
-        bias=True,
-        padding_mode=conv.padding_mode,
+        **{**conv_config(conv), "bias": True},
         device=conv.weight.device,
         dtype=conv.weight.dtype,
     )

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .record import StructureRecordMixin, register_kind
+from .record import StructureRecordMixin, conv_config, register_kind
 
 __all__ = ["FusedConv2d", "FoldedBatchNorm"]
 
@@ -30,17 +30,7 @@ class FusedConv2d(StructureRecordMixin, nn.Conv2d):
     """
 
     def config(self) -> dict[str, Any]:
-        return {
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "kernel_size": self.kernel_size,
-            "stride": self.stride,
-            "padding": self.padding,
-            "dilation": self.dilation,
-            "groups": self.groups,
-            "bias": self.bias is not None,
-            "padding_mode": self.padding_mode,
-        }
+        return conv_config(self)
 
 
 @register_kind

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["StructureRecordMixin", "register_kind", "build_from_record", "registered_kinds"]
+__all__ = ["StructureRecordMixin", "register_kind", "build_from_record", "registered_kinds", "conv_config"]
 
 _KINDS: dict[str, type[StructureRecordMixin]] = {}
 
@@ -24,6 +24,21 @@ def register_kind(cls: type[StructureRecordMixin]) -> type[StructureRecordMixin]
 
 def registered_kinds() -> tuple[str, ...]:
     return tuple(sorted(_KINDS))
+
+
+def conv_config(conv: nn.Module) -> dict[str, Any]:
+    """The ``nn.Conv2d`` constructor arguments of a conv-like module (a conv, or a cheap layer that replaced one)."""
+    return {
+        "in_channels": conv.in_channels,
+        "out_channels": conv.out_channels,
+        "kernel_size": conv.kernel_size,
+        "stride": conv.stride,
+        "padding": conv.padding,
+        "dilation": conv.dilation,
+        "groups": conv.groups,
+        "bias": conv.bias is not None,
+        "padding_mode": conv.padding_mode,
+    }
 
 
 def _normalize(value: Any) -> Any:

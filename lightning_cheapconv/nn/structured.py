@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..structure import StructureSpec, from_alpha, to_alpha
 from .functional import window_sum, window_sum_additions
-from .record import StructureRecordMixin, register_kind
+from .record import StructureRecordMixin, conv_config, register_kind
 
 __all__ = ["StructuredConv2d", "StructuredLinear"]
 
@@ -137,15 +137,7 @@ class StructuredConv2d(StructureRecordMixin, nn.Module):
 
     def config(self) -> dict[str, Any]:
         return {
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "kernel_size": self.kernel_size,
-            "stride": self.stride,
-            "padding": self.padding,
-            "dilation": self.dilation,
-            "groups": self.groups,
-            "bias": self.bias is not None,
-            "padding_mode": self.padding_mode,
+            **conv_config(self),
             "hidden_channels": self.hidden_channels,
             "hidden_kernel_size": self.hidden_kernel_size,
         }
@@ -201,15 +193,7 @@ class StructuredConv2d(StructureRecordMixin, nn.Module):
             raise ValueError(f"StructuredConv2d.from_dense expects an initialized nn.Conv2d, got {type(conv).__name__}")
         weight = conv.weight
         layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
+            **conv_config(conv),
             hidden_channels=hidden_channels,
             hidden_kernel_size=hidden_kernel_size,
             device=weight.device,
@@ -228,15 +212,7 @@ class StructuredConv2d(StructureRecordMixin, nn.Module):
     def to_dense(self) -> nn.Conv2d:
         """Fold back into an equivalent ``nn.Conv2d`` (same configuration, kernel ``A·alpha``)."""
         conv = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            groups=self.groups,
-            bias=self.bias is not None,
-            padding_mode=self.padding_mode,
+            **conv_config(self),
             device=self.weight.device,
             dtype=self.weight.dtype,
         )
