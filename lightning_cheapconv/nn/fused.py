@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .record import StructureRecordMixin, conv_config, register_kind
+from .record import StructureRecordMixin, check_positive_ints, conv_config, register_kind
 
 __all__ = ["FusedConv2d", "FoldedBatchNorm"]
 
@@ -50,8 +50,7 @@ class FoldedBatchNorm(StructureRecordMixin, nn.Module):
 
     def __init__(self, num_features: int) -> None:
         super().__init__()
-        if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
-            raise ValueError(f"FoldedBatchNorm: num_features must be a positive int, got {num_features!r}")
+        check_positive_ints("FoldedBatchNorm", num_features=num_features)
         self.num_features = num_features
 
     def config(self) -> dict[str, Any]:

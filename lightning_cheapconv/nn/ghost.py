@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .record import StructureRecordMixin, register_kind
+from .record import StructureRecordMixin, check_positive_ints, register_kind
 from .squeeze_excite import SqueezeExcite
 
 __all__ = ["GhostConv2d", "GhostBottleneck"]
@@ -79,9 +79,7 @@ class GhostConv2d(StructureRecordMixin, nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"GhostConv2d: {name} must be a positive int, got {value!r}")
+        check_positive_ints("GhostConv2d", in_channels=in_channels, out_channels=out_channels)
         if not isinstance(ratio, int) or isinstance(ratio, bool) or ratio < 2:
             raise ValueError(f"GhostConv2d: ratio={ratio!r} is out of range; valid range is an int >= 2")
         if not isinstance(dw_size, int) or isinstance(dw_size, bool) or dw_size < 1 or dw_size % 2 == 0:

@@ -11,7 +11,14 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["StructureRecordMixin", "register_kind", "build_from_record", "registered_kinds", "conv_config"]
+__all__ = [
+    "StructureRecordMixin",
+    "register_kind",
+    "build_from_record",
+    "registered_kinds",
+    "conv_config",
+    "check_positive_ints",
+]
 
 _KINDS: dict[str, type[StructureRecordMixin]] = {}
 
@@ -24,6 +31,13 @@ def register_kind(cls: type[StructureRecordMixin]) -> type[StructureRecordMixin]
 
 def registered_kinds() -> tuple[str, ...]:
     return tuple(sorted(_KINDS))
+
+
+def check_positive_ints(owner: str, **values: Any) -> None:
+    """Raise ``ValueError`` naming ``owner`` and the argument unless every value is an int >= 1 (bools refused)."""
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
 
 
 def conv_config(conv: nn.Module) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .record import StructureRecordMixin, register_kind
+from .record import StructureRecordMixin, check_positive_ints, register_kind
 
 __all__ = ["DepthwiseSeparableConv2d"]
 
@@ -40,9 +40,7 @@ class DepthwiseSeparableConv2d(StructureRecordMixin, nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"DepthwiseSeparableConv2d: {name} must be a positive int, got {value!r}")
+        check_positive_ints("DepthwiseSeparableConv2d", in_channels=in_channels, out_channels=out_channels)
         factory = {"device": device, "dtype": dtype}
         self.depthwise = nn.Conv2d(
             in_channels,

@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .functional import make_divisible
-from .record import StructureRecordMixin, register_kind
+from .record import StructureRecordMixin, check_positive_ints, register_kind
 
 __all__ = ["SqueezeExcite"]
 
@@ -36,8 +36,7 @@ class SqueezeExcite(StructureRecordMixin, nn.Module):
         gate_layer: type[nn.Module] = nn.Sigmoid,
     ) -> None:
         super().__init__()
-        if not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"SqueezeExcite: channels must be a positive int, got {channels!r}")
+        check_positive_ints("SqueezeExcite", channels=channels)
         if not 0.0 < se_ratio <= 1.0:
             raise ValueError(f"SqueezeExcite: se_ratio={se_ratio} is out of range; valid range is (0, 1]")
         if divisor > 1:

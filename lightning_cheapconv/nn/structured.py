@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..structure import StructureSpec, from_alpha, to_alpha
 from .functional import window_sum, window_sum_additions
-from .record import StructureRecordMixin, conv_config, register_kind
+from .record import StructureRecordMixin, check_positive_ints, conv_config, register_kind
 
 __all__ = ["StructuredConv2d", "StructuredLinear"]
 
@@ -88,9 +88,7 @@ class StructuredConv2d(StructureRecordMixin, nn.Module):
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.stride = _pair(stride, "stride")
         self.dilation = _pair(dilation, "dilation")
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"StructuredConv2d: {name} must be a positive int, got {value!r}")
+        check_positive_ints("StructuredConv2d", in_channels=in_channels, out_channels=out_channels, groups=groups)
         if in_channels % groups or out_channels % groups:
             raise ValueError(
                 f"StructuredConv2d: in_channels={in_channels} and out_channels={out_channels} "
@@ -263,9 +261,7 @@ class StructuredLinear(StructureRecordMixin, nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"StructuredLinear: {name} must be a positive int, got {value!r}")
+        check_positive_ints("StructuredLinear", in_features=in_features, out_features=out_features)
         if hidden_features is None:
             hidden_features = in_features
         self.spec = StructureSpec(hidden_features, (1, 1))
