@@ -18,7 +18,7 @@ import torch
 import torchvision
 from torch import nn
 
-import lightning_cheapconv.deploy as deploy
+import lightning_cheapconv.deploy.optimize as deploy_optimize  # monkeypatched: it looks up time_interleaved, _form_key
 from lightning_cheapconv import (
     GhostConv2d,
     ImageClassifier,
@@ -159,8 +159,8 @@ def test_choice_keeps_the_faster_form_per_layer_and_records_it(monkeypatch):
             current["layer"] = next(order)
         return FixedTimer(pick)(candidates)
 
-    monkeypatch.setattr(deploy, "time_interleaved", timer)
-    monkeypatch.setattr(deploy, "_form_key", lambda module, seen, device: id(module))  # no shared measurements
+    monkeypatch.setattr(deploy_optimize, "time_interleaved", timer)
+    monkeypatch.setattr(deploy_optimize, "_form_key", lambda module, seen, device: id(module))  # no shared measurements
     report = optimize_for_inference(model, x, **FAST)
 
     assert report.chosen_configuration == "optimized"
@@ -181,7 +181,7 @@ def test_choice_keeps_the_faster_form_per_layer_and_records_it(monkeypatch):
 def test_says_when_no_cheap_form_wins(monkeypatch):
     model = converted("resnet20", "structured")
     timer = FixedTimer(lambda form: {"decomposed": 2.0, "dense": 1.0, "as given": 3.0, "optimized": 1.0}.get(form, 5))
-    monkeypatch.setattr(deploy, "time_interleaved", timer)
+    monkeypatch.setattr(deploy_optimize, "time_interleaved", timer)
     report = optimize_for_inference(model, torch.randn(1, 3, 32, 32), **FAST)
     assert all(row.chosen == "dense" for row in report.layers)
     assert not any(isinstance(m, StructuredConv2d) for m in report.model.modules())
@@ -197,7 +197,7 @@ def test_falls_back_when_the_per_layer_choice_is_slower_as_a_whole(monkeypatch, 
     x = torch.randn(1, 3, 32, 32)
     whole = {"as given": 3.0, "optimized": 2.0, "all dense": 2.5, winner: 1.0}
     timer = FixedTimer(lambda form: {"decomposed": 1.0, "dense": 2.0, **whole}[form])
-    monkeypatch.setattr(deploy, "time_interleaved", timer)
+    monkeypatch.setattr(deploy_optimize, "time_interleaved", timer)
     report = optimize_for_inference(model, x, **FAST)
     assert report.chosen_configuration == winner
     assert report.latency_after_ms == 1.0 and report.latency_before_ms == whole["as given"]
@@ -215,7 +215,7 @@ def test_ghost_model_compared_with_its_original(monkeypatch):
     torch.manual_seed(0)
     original = randomize_bn(get_model("resnet20", 10))
     model = converted("resnet20", "ghost")
-    monkeypatch.setattr(deploy, "time_interleaved", FixedTimer(lambda f: 0.5 if f == "original" else 1.0))
+    monkeypatch.setattr(deploy_optimize, "time_interleaved", FixedTimer(lambda f: 0.5 if f == "original" else 1.0))
     report = optimize_for_inference(model, torch.randn(1, 3, 32, 32), original=original, **FAST)
     assert report.chosen_configuration == "original"
     assert not any(isinstance(m, GhostConv2d) for m in report.model.modules())
@@ -223,7 +223,7 @@ def test_ghost_model_compared_with_its_original(monkeypatch):
     x = torch.randn(1, 3, 32, 32)
     assert relative_difference(run(report.model, x), run(original, x)) < 1e-5
 
-    monkeypatch.setattr(deploy, "time_interleaved", FixedTimer(lambda f: 2.0 if f == "original" else 1.0))
+    monkeypatch.setattr(deploy_optimize, "time_interleaved", FixedTimer(lambda f: 2.0 if f == "original" else 1.0))
     report = optimize_for_inference(model, torch.randn(1, 3, 32, 32), original=original, **FAST)
     assert report.chosen_configuration in ("as given", "optimized")
     assert report.cheap_form_won is True
@@ -297,8 +297,8 @@ def test_optimized_state_dict_restructures_into_fresh_models(monkeypatch, method
             return 1.0 if next(flip) % 2 else 3.0
         return {"dense": 2.0, "optimized": 0.5}.get(form, 1.0)
 
-    monkeypatch.setattr(deploy, "_form_key", lambda module, seen, device: id(module))
-    monkeypatch.setattr(deploy, "time_interleaved", FixedTimer(pick))
+    monkeypatch.setattr(deploy_optimize, "_form_key", lambda module, seen, device: id(module))
+    monkeypatch.setattr(deploy_optimize, "time_interleaved", FixedTimer(pick))
     report = optimize_for_inference(model, x, **FAST)
     assert report.chosen_configuration == "optimized"
     state = report.model.state_dict()

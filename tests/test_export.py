@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-import lightning_cheapconv.deploy as deploy
+import lightning_cheapconv.deploy.export as deploy_export  # monkeypatched: it looks up _run_exported
+import lightning_cheapconv.deploy.optimize as deploy_optimize  # monkeypatched: it looks up time_interleaved
 from lightning_cheapconv import GhostConv2d, StructuredConv2d, convert_to_ghost, decompose_structured
 from lightning_cheapconv.deploy import (
     ExportMismatchError,
@@ -66,7 +67,7 @@ def optimized_resnet8(monkeypatch: pytest.MonkeyPatch) -> nn.Module:
         return {name: Latency((picks.get(name, 1.0),)) for name in candidates}
 
     timer.next_is_layer2 = True
-    monkeypatch.setattr(deploy, "time_interleaved", timer)
+    monkeypatch.setattr(deploy_optimize, "time_interleaved", timer)
     report = optimize_for_inference(mixed_resnet8(), torch.randn(2, 3, 32, 32), repeats=1, min_time=0, warmup=0)
     monkeypatch.undo()
     return report.model
@@ -134,7 +135,7 @@ def test_export_model_checks_its_file(fmt, tmp_path, monkeypatch):
     path = export_model(model, x, tmp_path / f"model.{fmt}", format=fmt)
     assert path.is_file()
     # A file whose outputs differ is reported, not silently written.
-    monkeypatch.setattr(deploy, "_run_exported", lambda path, fmt, x: torch.zeros(1, 10))
+    monkeypatch.setattr(deploy_export, "_run_exported", lambda path, fmt, x: torch.zeros(1, 10))
     with pytest.raises(ExportMismatchError, match="differs from PyTorch"):
         export_model(model, x, tmp_path / f"again.{fmt}", format=fmt)
 
