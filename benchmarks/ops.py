@@ -5,6 +5,9 @@ On CPU it uses 2 threads; on CUDA (when available) it synchronizes around every 
 candidates of one layer are timed in one process and interleaved round-robin, so that a noisy
 shared machine slows them alike; each number is the median of the repetitions.
 
+Layers: three representative ImageNet-ResNet layers (the 1.3x target applies to them), and the three
+stages of the CIFAR ResNets (16-64 channels at 32/16/8 pixels), which explain their whole-model latency.
+
 Forms per layer:
 
 - ``dense``: the ``nn.Conv2d``;
@@ -40,6 +43,7 @@ class Layer:
     out_channels: int
     kernel: int
     size: int
+    targeted: bool = True  # the issue's representative layers carry the 1.3x target; the others explain latency
 
     @property
     def name(self) -> str:
@@ -47,7 +51,16 @@ class Layer:
         return f"{k}x{k} {self.in_channels}->{self.out_channels} @{self.size}x{self.size}"
 
 
-LAYERS = (Layer(64, 64, 3, 56), Layer(256, 256, 3, 14), Layer(256, 256, 1, 28))
+# ResNet-18/50 layers (ImageNet, the target's layers), then the three stages of the CIFAR ResNets
+# (16-64 channels), which show why a CIFAR ResNet-56 gains little from its MAC cut on a CPU.
+LAYERS = (
+    Layer(64, 64, 3, 56),
+    Layer(256, 256, 3, 14),
+    Layer(256, 256, 1, 28),
+    Layer(16, 16, 3, 32, targeted=False),
+    Layer(32, 32, 3, 16, targeted=False),
+    Layer(64, 64, 3, 8, targeted=False),
+)
 BATCHES = (1, 32)
 
 
@@ -104,6 +117,7 @@ def run(device: torch.device, channels_last: bool, reps: int, warmup: int, targe
                 rows.append(
                     {
                         "layer": layer.name,
+                        "targeted": layer.targeted,
                         "batch": batch,
                         "form": name,
                         "ms": latency.median_ms,
@@ -132,12 +146,14 @@ def markdown(rows: list[dict]) -> str:
 
 
 def missed_targets(rows: list[dict], device: str, layout: str) -> list[str]:
-    """Issue target: on CPU, a structured layer with a MAC cut >= 2x is at least 1.3x faster than dense at batch 32."""
+    """Issue target: on CPU, a structured layer with a MAC cut >= 2x is at least 1.3x faster than dense at batch 32
+    (on the representative ImageNet-ResNet layers; the CIFAR-stage rows are there to explain whole-model latency)."""
     return [
         f"ops ({device}, {layout}): {r['layer']} batch {r['batch']}, {r['form']} (MAC cut {r['mac_ratio']:.2f}x) is "
         f"{r['speedup']:.2f}x the dense speed (target: at least 1.3x)"
         for r in rows
         if device == "cpu"
+        and r["targeted"]
         and r["batch"] == 32
         and r["form"].startswith("structured c=")
         and r["mac_ratio"] >= 2.0
@@ -181,7 +197,9 @@ def main(argv: list[str] | None = None) -> Section:
             f"inference_mode forward; median of {reps} round-robin samples after {warmup} warm-up rounds. "
             "ms: median; IQR: interquartile range of the samples / median (noise). Speed-up (from medians) and "
             "MAC ratio are dense / form (2.00x = half); pool adds are the structured sum-pool's additions, which MAC "
-            "counts leave out.\n\n" + markdown(rows)
+            "counts leave out. The last three layers are the stages of the CIFAR ResNets (no per-layer target): at "
+            "16-64 channels the convolution is too small for its MAC cut to show, so the sum-pool's or the depthwise "
+            "pass's extra memory traffic cancels it.\n\n" + markdown(rows)
         )
     name = "ops_channels_last" if args.channels_last else "ops"
     title = "2b. Single layers: dense vs cheap forms" + (" (channels_last)" if args.channels_last else "")
