@@ -11,9 +11,6 @@ from __future__ import annotations
 import copy
 import csv
 import math
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +21,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from lightning_fabric.utilities.exceptions import MisconfigurationException
+from nets import GHOST_TARGETS, TinyNet, run_script
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy
@@ -48,8 +46,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*smaller than the logging interval.*"),
 ]
 
-SCRIPTS = Path(__file__).parent / "scripts"
-
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -60,59 +56,10 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-TARGETS = ("c1", "c2", "c3")  # TinyNet's convertible convs: the stem and the classifier stay
+TARGETS = GHOST_TARGETS
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-class TinyNet(pl.LightningModule):
-    """A user's module that knows nothing of the plugin: its own optimizer (one group, all parameters),
-    scheduler and training_step. Three target convs: one without bias, one with, one strided."""
-
-    def __init__(self, scheduler: str = "step", seed: int = 0) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.c1 = nn.Conv2d(8, 16, 3, padding=1, bias=False)
-        self.b1 = nn.BatchNorm2d(16)
-        self.c2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
-        self.b2 = nn.BatchNorm2d(16)
-        self.c3 = nn.Conv2d(16, 16, 3, stride=2, padding=1)
-        self.fc = nn.Linear(16, 4)
-        self.scheduler = scheduler
-        self.step_lrs: list[float] = []
-        self.losses: list[float] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.stem(x))
-        x = F.relu(self.b1(self.c1(x)))
-        x = F.relu(self.b2(self.c2(x)))
-        x = F.relu(self.c3(x))
-        return self.fc(x.mean((2, 3)))
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.losses.append(loss.item())
-        self.log("my_loss", loss)
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        self.log("my_val_loss", F.cross_entropy(self(x), y))
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self.step_lrs.append(self.trainer.optimizers[0].param_groups[0]["lr"])
-
-    def configure_optimizers(self) -> Any:
-        opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
-        if self.scheduler == "step":
-            return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)}
-        if self.scheduler == "cosine":
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-        return opt
-
-
 class GroupedNet(TinyNet):
     """A user's optimizer with its own groups (AdamW, body and head at different learning rates, no decay on
     ndim<=1 parameters), built in an order that is not the model's."""
@@ -749,16 +696,7 @@ def test_ghost_vgg16_figures() -> None:
 def test_ddp_two_processes(tmp_path: Path) -> None:
     """Conversion in setup, progressive conversion mid-fit and calibrated conversion under DDP: every rank
     ends identical."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    for name in ("LOCAL_RANK", "GLOBAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)  # a fresh launch: Lightning picks a free port itself
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPTS / "ddp_ghost.py"), str(tmp_path), "progressive", "setup", "calibration"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    proc = run_script("ddp_ghost.py", str(tmp_path), "progressive", "setup", "calibration", timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "GhostConvCallback: setup: converted 2 layer(s)" in proc.stdout + proc.stderr
     assert "original vs Ghost" in proc.stdout

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,6 +19,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from lightning_fabric.utilities.exceptions import MisconfigurationException
+from nets import run_script, tiny_backbone
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy
@@ -42,33 +40,10 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:The dirpath has changed.*"),
 ]
 
-SCRIPTS = Path(__file__).parent / "scripts"
 TARGETS = ["backbone.3", "backbone.6", "backbone.9"]  # tiny_backbone's convs minus the stem
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def tiny_backbone(seed: int = 0) -> nn.Module:
-    """Four 3x3 convs at 16x16: the stem and the classifier stay dense, three convs are targets."""
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, bias=False),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1, bias=False),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(16, 10),
-    )
-
-
 class OrderedDigits(DigitsDataModule):
     """Digits with an unshuffled training loader (deterministic resume)."""
 
@@ -800,14 +775,7 @@ def test_resume_mid_schedule_equals_uninterrupted(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- DDP
 def test_ddp_two_processes(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPTS / "ddp_structured.py"), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    proc = run_script("ddp_structured.py", str(out), timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)

@@ -20,54 +20,12 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
-from torch import nn
+from nets import GHOST_TARGETS, TinyNet
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_cheapconv import GhostConv2d, GhostConvCallback
 
-TARGETS = ("c1", "c2", "c3")
-
-
-class TinyNet(pl.LightningModule):
-    """A stem, three convertible convs (one with bias, one strided), BatchNorm, a linear classifier."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.c1 = nn.Conv2d(8, 16, 3, padding=1, bias=False)
-        self.b1 = nn.BatchNorm2d(16)
-        self.c2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
-        self.b2 = nn.BatchNorm2d(16)
-        self.c3 = nn.Conv2d(16, 16, 3, stride=2, padding=1)
-        self.fc = nn.Linear(16, 4)
-        self.losses: list[float] = []
-        self.epoch_lrs: list[float] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.stem(x))
-        x = F.relu(self.b1(self.c1(x)))
-        x = F.relu(self.b2(self.c2(x)))
-        x = F.relu(self.c3(x))
-        return self.fc(x.mean((2, 3)))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.losses.append(loss.item())
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_loss", F.cross_entropy(self(x), y), sync_dist=True)
-
-    def on_train_epoch_start(self) -> None:  # runs after the callbacks' hook, so after any conversion
-        self.epoch_lrs.append(self.trainer.optimizers[0].param_groups[0]["lr"])
-        self.at_epoch_start = {n: p.detach().clone() for n, p in self.named_parameters()}
-
-    def configure_optimizers(self):
-        opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
-        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)}
+TARGETS = GHOST_TARGETS
 
 
 def run(out_dir: Path, mode: str) -> None:

@@ -19,31 +19,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from nets import tiny_backbone
 from pytorch_lightning.callbacks import Callback
-from torch import nn
 
 from lightning_cheapconv import DigitsDataModule, ImageClassifier, StructuredConvCallback
 from lightning_cheapconv.structure import structural_residual
-
-
-def backbone() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, bias=False),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1, bias=False),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(16, 10),
-    )
 
 
 class Recorder(Callback):
@@ -77,7 +57,7 @@ class Recorder(Callback):
 def main(out_dir: Path) -> None:
     pl.seed_everything(0)
     dm = DigitsDataModule(batch_size=16, image_size=16, pin_memory=False)
-    model = ImageClassifier(backbone(), lr=0.05)
+    model = ImageClassifier(tiny_backbone(), lr=0.05)
     structured = StructuredConvCallback(
         channel_ratio=0.5, reg_weight=1.0, project_start_epoch=1, project_end_epoch=2, verbose=0
     )

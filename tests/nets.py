@@ -1,0 +1,106 @@
+"""Small networks shared by the callback tests and the DDP scripts they launch (tests/scripts/, which
+import this module through the ``PYTHONPATH`` that :func:`run_script` sets)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GHOST_TARGETS = ("c1", "c2", "c3")  # TinyNet's convertible convs: the stem and the classifier stay
+
+
+def tiny_backbone(seed: int = 0) -> nn.Module:
+    """Four 3x3 convs at 16x16: the stem and the classifier stay dense, three convs are targets."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
+
+
+class TinyNet(pl.LightningModule):
+    """A user's module that knows nothing of the plugin: its own optimizer (one group, all parameters),
+    scheduler and training_step. Three target convs: one without bias, one with, one strided. Records its
+    losses, the learning rate at each step and epoch start, and its parameters at each epoch start."""
+
+    def __init__(self, scheduler: str = "step", seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.c1 = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+        self.b1 = nn.BatchNorm2d(16)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.b2 = nn.BatchNorm2d(16)
+        self.c3 = nn.Conv2d(16, 16, 3, stride=2, padding=1)
+        self.fc = nn.Linear(16, 4)
+        self.scheduler = scheduler
+        self.losses: list[float] = []
+        self.step_lrs: list[float] = []
+        self.epoch_lrs: list[float] = []
+        self.at_epoch_start: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        x = F.relu(self.b1(self.c1(x)))
+        x = F.relu(self.b2(self.c2(x)))
+        x = F.relu(self.c3(x))
+        return self.fc(x.mean((2, 3)))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.losses.append(loss.item())
+        self.log("my_loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("my_val_loss", F.cross_entropy(self(x), y), sync_dist=True)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.step_lrs.append(self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_epoch_start(self) -> None:  # runs after the callbacks' hook, so after any conversion
+        self.epoch_lrs.append(self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.at_epoch_start = {n: p.detach().clone() for n, p in self.named_parameters()}
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        if self.scheduler == "step":
+            return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)}
+        if self.scheduler == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return opt
+
+
+def run_script(name: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    """Run ``tests/scripts/NAME`` as a fresh launch (Lightning's DDP re-runs it in each rank): one OpenMP
+    thread per rank, the repository and this folder on ``PYTHONPATH``, no rank variables inherited."""
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join((str(here.parent), str(here)))}
+    for variable in ("LOCAL_RANK", "GLOBAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(variable, None)  # Lightning picks a free port itself
+    command = [sys.executable, str(here / "scripts" / name), *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
