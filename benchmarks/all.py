@@ -20,6 +20,7 @@ from .common import RESULTS, machine
 RUNS = {
     "counts": ("counts", []),
     "latency": ("latency", []),
+    "latency_compiled": ("latency", ["--compile"]),
     "ops": ("ops", []),
     "ops_channels_last": ("ops", ["--channels-last"]),
     "accuracy": ("accuracy", []),

@@ -18,6 +18,13 @@ Forms of each model:
 - ``structured, dense``: the same folded back into dense convs (``to_dense()``);
 - ``structured optimized``: ``optimize_for_inference`` on the decomposed model, given the original.
 
+With ``--compile`` every form runs compiled by :func:`~lightning_cheapconv.deploy.compile_for_inference`
+(``torch.compile``, inductor with freezing: weights constant, BatchNorm folded, elementwise work such
+as the sum-pool fused with its neighbours), and the optimized forms come from
+``optimize_for_inference(compile=True)``; by default for CIFAR
+ResNet-56 and ResNet-18 at batch 32 (compiling takes about half a minute per form here). That
+table (2c) answers the same question for a deployment that compiles.
+
 All forms of one model, device and batch are timed in one process, interleaved round-robin
 (:func:`~lightning_cheapconv.deploy.time_interleaved`), median of the repetitions. Speed-up is
 original / form (2.00x = half the time). The MAC ratio (original / form, FlopCounterMode FLOPs / 2)
@@ -37,7 +44,7 @@ import torchvision
 from torch import nn
 
 from lightning_cheapconv import convert_to_ghost, count_complexity, decompose_structured, get_model
-from lightning_cheapconv.deploy import fold_batchnorm, optimize_for_inference, time_interleaved
+from lightning_cheapconv.deploy import compile_for_inference, fold_batchnorm, optimize_for_inference, time_interleaved
 from lightning_cheapconv.nn import StructuredConv2d, StructuredLinear
 
 from .common import Section, command
@@ -111,11 +118,14 @@ def measure(
     repeats: int,
     min_time: float,
     mac_counts: dict[str, int],
+    compile: bool = False,
 ) -> list[dict]:
     def place(m: nn.Module) -> nn.Module:
         m = copy.deepcopy(m).to(device=device, dtype=dtype).eval()
         return m.to(memory_format=torch.channels_last) if channels_last else m
 
+    if compile:
+        torch._dynamo.reset()  # drop the previous models' compiled code
     x = torch.randn(batch, 3, spec.size, spec.size, generator=torch.Generator().manual_seed(0))
     x = x.to(device=device, dtype=dtype)
     if channels_last:
@@ -132,7 +142,7 @@ def measure(
     form_macs = dict(mac_counts)
     for method in ("ghost", "structured"):
         report = optimize_for_inference(
-            forms[method], x, device, repeats=repeats, min_time=min_time, original=forms["original"]
+            forms[method], x, device, repeats=repeats, min_time=min_time, original=forms["original"], compile=compile
         )
         forms[f"{method} optimized"] = report.model
         kept[f"{method} optimized"] = report.chosen_configuration
@@ -146,9 +156,9 @@ def measure(
         "structured, dense",
         "structured optimized",
     ]
-    forms = {name: forms[name] for name in order}
+    runners = {name: compile_for_inference(forms[name], x) if compile else forms[name] for name in order}
     latency = time_interleaved(
-        {name: (lambda m=m: m(x)) for name, m in forms.items()},
+        {name: (lambda r=r: r(x)) for name, r in runners.items()},
         repeats=repeats,
         min_time=min_time,
         warmup=1,
@@ -184,24 +194,23 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def missed_targets(rows: list[dict], device: torch.device) -> list[str]:
+def missed_targets(rows: list[dict], device: torch.device, compiled: bool = False) -> list[str]:
     """The issue's goals: optimized never slower than the original (beyond 5% noise); on CPU, a converted ResNet
     whose MAC cut is 2x or more runs, in its optimized form, at least 1.3x faster than the original at batch 32."""
     missed = []
+    where = f"{device.type}, compiled" if compiled else device.type
     cut = {(r["model"], r["batch"], r["form"]): r["mac_ratio"] for r in rows}
     for r in rows:
         if "optimized" not in r["form"]:
             continue
         method = r["form"].split()[0]
         if r["speedup"] < 0.95:
-            missed.append(
-                f"latency ({device.type}): {r['model']} batch {r['batch']} {r['form']} is {r['speedup']:.2f}x"
-            )
+            missed.append(f"latency ({where}): {r['model']} batch {r['batch']} {r['form']} is {r['speedup']:.2f}x")
         mac_cut = cut.get((r["model"], r["batch"], method), 1.0)
         if device.type == "cpu" and r["batch"] == 32 and "ResNet" in r["model"] and mac_cut >= 2.0:
             if r["speedup"] < 1.3:
                 missed.append(
-                    f"latency (cpu): {r['model']} batch 32, {method} (MAC cut {mac_cut:.2f}x), optimized: "
+                    f"latency ({where}): {r['model']} batch 32, {method} (MAC cut {mac_cut:.2f}x), optimized: "
                     f"{r['speedup']:.2f}x faster than the original (target: 1.3x)"
                 )
     return missed
@@ -210,12 +219,19 @@ def missed_targets(rows: list[dict], device: torch.device) -> list[str]:
 def main(argv: list[str] | None = None) -> Section:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 repetitions; batch 8 instead of 32 at 224x224")
-    parser.add_argument("--models", nargs="+", choices=sorted(SPECS), default=list(SPECS), help="models to run")
+    parser.add_argument("--models", nargs="+", choices=sorted(SPECS), default=None, help="models (default: all)")
     parser.add_argument("--batches", nargs="+", type=int, default=None, help="batch sizes (default 1 32)")
     parser.add_argument("--device", choices=("all", "cpu", "cuda"), default="all", help="'all': CPU, and CUDA if any")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     parser.add_argument("--repeats", type=int, default=None, help="samples per form (default 7, --quick 3)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="every form under torch.compile (default: resnet56 and resnet18 at batch 32); writes table 2c",
+    )
     args = parser.parse_args(argv)
+    models = args.models or (["resnet56", "resnet18"] if args.compile else list(SPECS))
+    default_batches = [32] if args.compile else None
 
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 7)
@@ -237,23 +253,39 @@ def main(argv: list[str] | None = None) -> Section:
         "('optimized': per-layer choice; 'all dense': every structured layer folded; 'original': the dense model; "
         "'as given': unchanged). Much of the optimized forms' gain is BatchNorm folding: compare them with "
         "'original, BN folded' too. Speed-ups below 1.00x are cheap forms slower than the original."
+        + (
+            " Every form runs compiled by compile_for_inference (torch.compile, inductor with freezing), the "
+            "optimized ones chosen by optimize_for_inference(compile=True); speed-ups are against the compiled "
+            "original."
+            if args.compile
+            else ""
+        )
     ]
     missed: list[str] = []
     for device, dtype, channels_last, title in setups:
         rows: list[dict] = []
-        for key in args.models:
+        for key in models:
             spec = SPECS[key]
             base = base_forms(spec)
             counts = {name: macs(m, spec.size) for name, m in base.items()}
             counts["original, BN folded"] = counts["original"]
-            batches = args.batches or ([1, 8] if args.quick and spec.size > 64 and device.type == "cpu" else [1, 32])
+            batches = args.batches or default_batches
+            batches = batches or ([1, 8] if args.quick and spec.size > 64 and device.type == "cpu" else [1, 32])
             for batch in batches:
-                part = measure(spec, base, device, dtype, channels_last, batch, repeats, 0.01, counts)
+                part = measure(spec, base, device, dtype, channels_last, batch, repeats, 0.01, counts, args.compile)
                 print(markdown(part), flush=True)
                 rows.extend(part)
-        missed += missed_targets(rows, device)
-        parts.append(f"### {title}\n\n{markdown(rows)}")
-    section = Section("latency", "2. Latency of whole models", "\n\n".join(parts), command(__spec__.name, argv), missed)
+        missed += missed_targets(rows, device, args.compile)
+        parts.append(f"### {title}{', torch.compile' if args.compile else ''}\n\n{markdown(rows)}")
+    name, title = (
+        ("latency_compiled", "2c. Latency of whole models under torch.compile")
+        if args.compile
+        else (
+            "latency",
+            "2. Latency of whole models",
+        )
+    )
+    section = Section(name, title, "\n\n".join(parts), command(__spec__.name, argv), missed)
     section.save()
     return section
 

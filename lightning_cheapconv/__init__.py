@@ -14,7 +14,7 @@ from .checkpoint import install_restructure_hook, restructure
 from .complexity import Complexity, LayerComplexity, compression_ratios, count_complexity, format_count
 from .convert import ConversionResult, convert_to_ghost, decompose_structured, select_layers
 from .data import CIFAR10DataModule, DigitsDataModule, ImageNetDataModule
-from .deploy import InferenceReport, export_model, fold_batchnorm, optimize_for_inference
+from .deploy import InferenceReport, compile_for_inference, export_model, fold_batchnorm, optimize_for_inference
 from .models import CifarResNet, CifarVGG, GhostNet, get_model, list_models
 from .module import ImageClassifier
 from .nn import (
@@ -55,6 +55,7 @@ __all__ = [
     "StructuredConv2d",
     "StructuredConvCallback",
     "StructuredLinear",
+    "compile_for_inference",
     "compression_ratios",
     "compression_report",
     "convert_to_ghost",

@@ -161,6 +161,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--channels-last", action="store_true", help="NHWC memory format for model and input")
     parser.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm layers")
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="time the whole-model candidates under torch.compile (inductor, freezing), as you will run them",
+    )
+    parser.add_argument(
         "--export",
         action="append",
         choices=sorted(_EXPORT_SUFFIX),
@@ -207,7 +212,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             example = example.contiguous(memory_format=torch.channels_last)
         try:
             report = optimize_for_inference(
-                model, example, device, repeats=args.repeats, min_time=args.min_time, fold_bn=not args.no_fold_bn
+                model,
+                example,
+                device,
+                repeats=args.repeats,
+                min_time=args.min_time,
+                fold_bn=not args.no_fold_bn,
+                compile=args.compile,
             )
         except ValueError as err:
             raise UsageError(str(err)) from None

@@ -6,6 +6,7 @@ that returns fixed latencies, so the choice logic itself is what is tested.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -34,6 +35,7 @@ from lightning_cheapconv.deploy import (
     FusedConv2d,
     InferenceReport,
     Latency,
+    compile_for_inference,
     fold_batchnorm,
     fold_ghost_permutations,
     optimize_for_inference,
@@ -500,6 +502,75 @@ def test_cuda_requested_without_cuda(monkeypatch):
         optimize_for_inference(converted("resnet20", "structured"), torch.randn(1, 3, 32, 32), "cuda", **FAST)
 
 
+def small_structured_net() -> nn.Module:
+    """Three structured convs with BatchNorm: compiles in seconds."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for c_in, c_out in ((3, 8), (8, 8), (8, 8)):
+        layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+    model = randomize_bn(nn.Sequential(*layers))
+    decompose_structured(model, skip_first=False, skip_last=False)
+    return model.eval()
+
+
+needs_cxx = pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor on CPU needs a C++ compiler"
+)
+
+
+@needs_cxx
+def test_compile_times_every_whole_model_compiled(monkeypatch):
+    model = small_structured_net()
+    x = torch.randn(2, 3, 16, 16)
+    compiled: list[nn.Module] = []
+    real = deploy_optimize.compile_for_inference
+
+    def spy(module, example_input):
+        compiled.append(module)
+        return real(module, example_input)
+
+    monkeypatch.setattr(deploy_optimize, "compile_for_inference", spy)
+    report = optimize_for_inference(model, x, compile=True, **FAST)
+
+    # Each whole-model candidate (as given, optimized, all dense where it differs) was compiled once and timed so.
+    assert report.compiled and {"as given", "optimized"} <= set(report.configurations)
+    assert len(compiled) == len(report.configurations)
+    assert "compile_for_inference" in report.summary and report.to_dict()["compiled"] is True
+    # What is returned is the plain module (savable), equal to the model as given.
+    assert not isinstance(report.model, torch._dynamo.eval_frame.OptimizedModule)
+    assert relative_difference(run(report.model, x), run(model, x)) < 1e-4
+
+
+@needs_cxx
+def test_compile_for_inference_freezes_weights_and_matches_eager():
+    model = small_structured_net()
+    x = torch.randn(2, 3, 16, 16)
+    runner = compile_for_inference(model, x)
+    with torch.inference_mode():
+        before = runner(x)
+        assert relative_difference(before, model(x)) < 1e-4
+        model[0].weight.mul_(2.0)  # frozen into the compiled code: not seen
+        assert torch.equal(runner(x), before)
+
+
+def test_compile_failure_is_a_clear_error(monkeypatch):
+    def broken(module, **kwargs):
+        def fail(*args):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.raises(RuntimeError, match=r"compile=True.*'as given'.*InvalidCxxCompiler.*without compile=True"):
+        optimize_for_inference(small_structured_net(), torch.randn(1, 3, 16, 16), compile=True, **FAST)
+
+
+def test_compiled_output_that_differs_is_refused(monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: lambda x: module(x) + 1.0)
+    with pytest.raises(RuntimeError, match=r"compiled Sequential differs from its eager outputs"):
+        compile_for_inference(small_structured_net(), torch.randn(1, 3, 16, 16))
+
+
 # ----------------------------------------------------------------------------------------------- command line
 
 CLI_FAST = ["--repeats", "1", "--min-time", "0"]
@@ -522,6 +593,21 @@ def test_cli_on_a_state_dict(tmp_path, capsys):
     fresh.load_state_dict(state)
     x = torch.randn(2, 3, 32, 32)
     assert relative_difference(run(fresh, x), run(model, x)) < 1e-4
+
+
+def test_cli_compile_flag_reaches_the_optimizer(tmp_path, monkeypatch):
+    path = tmp_path / "weights.pt"
+    torch.save(converted("resnet20", "structured").state_dict(), path)
+    seen: dict[str, Any] = {}
+    real = optimize_for_inference
+
+    def spy(*args: Any, **kwargs: Any) -> InferenceReport:
+        seen.update(kwargs)
+        return real(*args, **{**kwargs, "compile": False})
+
+    monkeypatch.setattr("lightning_cheapconv.deploy.optimize_for_inference", spy)
+    assert main([str(path), "--arch", "resnet20", "--input-shape", "1,3,32,32", "--compile", *CLI_FAST]) == 0
+    assert seen["compile"] is True
 
 
 def test_cli_on_a_lightning_checkpoint(tmp_path, capsys):

@@ -14,6 +14,8 @@ form of each layer is chosen by measurement, not by MACs. The submodules:
 - :mod:`~lightning_cheapconv.deploy.folding`: :func:`fold_batchnorm` and
   :func:`fold_ghost_permutations`, exact in-place folds, each recorded as a :class:`Fold`;
 - :mod:`~lightning_cheapconv.deploy.timing`: :func:`time_interleaved` and :class:`Latency`;
+- :mod:`~lightning_cheapconv.deploy.compiled`: :func:`compile_for_inference`, ``torch.compile`` with
+  frozen weights for deployment, checked against eager;
 - :mod:`~lightning_cheapconv.deploy.export`: :func:`export_model` (TorchScript, ``torch.export``,
   ONNX) with an output check, :class:`ExportMismatchError`;
 - :func:`relative_difference`, the measure of every exactness check here.
@@ -38,6 +40,7 @@ Example::
 
 from ..nn.fused import FoldedBatchNorm, FusedConv2d
 from ._utils import relative_difference
+from .compiled import compile_for_inference
 from .export import ExportFormat as ExportFormat  # not in __all__, importable from here as before
 from .export import ExportMismatchError, export_model
 from .folding import Fold, fold_batchnorm, fold_ghost_permutations
@@ -52,6 +55,7 @@ __all__ = [
     "InferenceReport",
     "LayerForms",
     "Latency",
+    "compile_for_inference",
     "FoldedBatchNorm",
     "FusedConv2d",
     "export_model",

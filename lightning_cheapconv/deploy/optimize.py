@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +18,7 @@ from ..convert import replace_modules
 from ..nn import GhostConv2d, StructuredConv2d, StructuredLinear
 from ..nn.record import StructureRecordMixin
 from ._utils import _device_dtype, _forward, _like, _shape_text, _tolerance, _unique_modules, relative_difference
+from .compiled import compile_for_inference
 from .folding import Fold, fold_batchnorm, fold_ghost_permutations
 from .report import InferenceReport, LayerForms
 from .timing import _capture_shapes, _random_input, _Seen, time_interleaved
@@ -118,6 +120,11 @@ def _summary(report: InferenceReport, n_folded_bn: int, n_perm: int) -> str:
         f"On {report.device}, input {_shape_text(report.input_shape)}: {report.latency_before_ms:.3f} ms as given → "
         f"{report.latency_after_ms:.3f} ms ({report.speedup:.2f}× faster; kept '{chosen}')."
     ]
+    if report.compiled:
+        parts.append(
+            "Whole models were timed compiled (torch.compile, inductor with freezing) and layers eager: run the "
+            "returned model through compile_for_inference(model, example_input) to get that latency."
+        )
     if structured:
         parts.append(
             f"Decomposed was faster than the dense fold in {len(decomposed_faster)} of {len(structured)} structured "
@@ -158,6 +165,7 @@ def optimize_for_inference(
     warmup: int = 1,
     fold_bn: bool = True,
     original: nn.Module | None = None,
+    compile: bool = False,
 ) -> InferenceReport:
     """Choose the fastest form of every cheap layer by measurement, fold BatchNorm, and return a report.
 
@@ -178,6 +186,11 @@ def optimize_for_inference(
        converted from; Ghost modules have no exact dense form), the original with BatchNorm
        folded. The fastest is returned, so the result is never slower than the others measured
        here beyond noise; the summary says which won and whether any cheap form was faster.
+       With ``compile=True`` each of these whole models is timed compiled by
+       :func:`compile_for_inference` (``torch.compile``, inductor with freezing: BatchNorm folds,
+       the sum-pool fuses with its neighbours); run the returned model through it too to get that
+       latency. The per-layer times of step 2 stay eager. Compiling takes seconds to a minute per
+       configuration, and on a CPU needs a C++ compiler.
 
     The optimized model must match the model as given (relative difference 1e-4 in float32),
     else a ``RuntimeError`` names the difference. Its choices live in the modules' structure
@@ -193,6 +206,8 @@ def optimize_for_inference(
         >>> model = get_model("resnet56", 10); _ = convert_to_ghost(model)
         >>> report = optimize_for_inference(model, torch.randn(32, 3, 32, 32), repeats=5)
         >>> report.print(); report.latency_after_ms <= report.latency_before_ms
+        >>> x = torch.randn(32, 3, 32, 32)
+        >>> runner = compile_for_inference(optimize_for_inference(model, x, compile=True).model, x)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize_for_inference expects an nn.Module, got {type(model).__name__}")
@@ -277,8 +292,9 @@ def optimize_for_inference(
         reference_model = copy.deepcopy(original).to(target).eval()
         _forward(reference_model, x, "optimize_for_inference (original)")
         configurations["original"] = (reference_model, fold_batchnorm(reference_model, x) if fold_bn else [])
+    runners = {name: _compiled(m, x, name) if compile else m for name, (m, _) in configurations.items()}
     latency = time_interleaved(
-        {name: (lambda m=m: m(x)) for name, (m, _) in configurations.items()}, repeats, min_time, warmup, target
+        {name: (lambda r=r: r(x)) for name, r in runners.items()}, repeats, min_time, warmup, target
     )
     medians = {name: lat.median_ms for name, lat in latency.items()}
     chosen = min(medians, key=medians.__getitem__)
@@ -323,12 +339,23 @@ def optimize_for_inference(
         repeats=repeats,
         spreads={name: lat.spread for name, lat in latency.items()},
         configuration_macs=macs,
+        compiled=compile,
     )
     report.cheap_form_won = _cheap_form_won(rows, chosen, medians)
     n_bn = sum(f.applied and f.kind == "batchnorm" for f in final_folds)
     n_perm = sum(f.applied and f.kind != "batchnorm" for f in final_folds)
     report.summary = _summary(report, n_bn, n_perm)
     return report
+
+
+def _compiled(model: nn.Module, x: Tensor, name: str) -> Callable[..., Any]:
+    try:
+        return compile_for_inference(model, x)
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"optimize_for_inference(compile=True), the {name!r} model: {err}. Run without compile=True to time the "
+            f"eager models."
+        ) from err
 
 
 def _add_note(row: LayerForms, text: str) -> None:

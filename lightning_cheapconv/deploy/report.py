@@ -67,7 +67,8 @@ class InferenceReport:
     ``configurations`` holds the whole-model median latency (ms) of each candidate timed against
     each other (``"as given"``, ``"optimized"``, and where they exist ``"all dense"`` and
     ``"original"``); ``chosen_configuration`` is the one returned. ``latency_before_ms`` is the
-    model as given, ``latency_after_ms`` the returned model.
+    model as given, ``latency_after_ms`` the returned model; with ``compiled`` these whole-model
+    latencies were measured under ``torch.compile`` (the per-layer times are always eager).
 
     Example::
 
@@ -93,6 +94,7 @@ class InferenceReport:
     spreads: dict[str, float] = field(default_factory=dict)
     cheap_form_won: bool | None = None
     configuration_macs: dict[str, int] = field(default_factory=dict)
+    compiled: bool = False
 
     @property
     def speedup(self) -> float:
@@ -115,6 +117,7 @@ class InferenceReport:
         caption = (
             f"Median of {self.repeats} interleaved samples per form, on {self.device}, input "
             f"{_shape_text(self.input_shape)}; layers of equal configuration and input share one measurement. "
+            f"{'Whole models timed under torch.compile (inductor, freezing), layers eager. ' if self.compiled else ''}"
             f"MACs = FLOPs / 2 from FlopCounterMode (bias, BatchNorm and the structured sum-pool's additions not "
             f"counted); MACs ratio = dense / kept (2.00× = half). Whole model: "
             f"{self.latency_before_ms:.3f} ms as given → {self.latency_after_ms:.3f} ms "
@@ -199,6 +202,7 @@ class InferenceReport:
             "speedup": self.speedup,
             "configurations": dict(self.configurations),
             "chosen_configuration": self.chosen_configuration,
+            "compiled": self.compiled,
             "macs_before": self.macs_before,
             "macs_after": self.macs_after,
             "max_rel_diff": self.max_rel_diff,
