@@ -20,9 +20,9 @@ from .common import RESULTS, machine
 RUNS = {
     "counts": ("counts", []),
     "latency": ("latency", []),
-    "latency_compiled": ("latency", ["--compile"]),
     "ops": ("ops", []),
     "ops_channels_last": ("ops", ["--channels-last"]),
+    "latency_compiled": ("latency", ["--compile", "--repeats", "15"]),
     "accuracy": ("accuracy", []),
     "overhead": ("overhead", []),
 }
