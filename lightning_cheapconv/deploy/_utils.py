@@ -42,6 +42,17 @@ def relative_difference(actual: Any, expected: Any) -> float:
     return diff / scale if scale > 0 else math.inf
 
 
+def _require_close(
+    actual: Any, expected: Any, rtol: float, what: str, error: type[Exception] = RuntimeError, after: str = ""
+) -> float:
+    """The :func:`relative_difference` of two outputs; above ``rtol`` raises ``error`` with
+    ``"{what} by {diff} (relative; tolerance {rtol}){after}"``."""
+    diff = relative_difference(actual, expected)
+    if not diff <= rtol:
+        raise error(f"{what} by {diff:.2e} (relative; tolerance {rtol:.0e}){after}")
+    return diff
+
+
 def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     for tensor in (*model.parameters(), *model.buffers()):
         if tensor.is_floating_point():

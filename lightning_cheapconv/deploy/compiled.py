@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._utils import _device_dtype, _forward, _tolerance, relative_difference
+from ._utils import _device_dtype, _forward, _require_close, _tolerance
 
 # Every form of one architecture is a new compilation of the same forward code; dynamo's default
 # limit (8) would silently leave the later ones eager.
@@ -56,10 +56,10 @@ def compile_for_inference(model: nn.Module, example_input: Tensor, rtol: float |
             f"compile_for_inference: torch.compile failed on {type(model).__name__} ({type(err).__name__}: {first}); "
             f"on a CPU inductor needs a C++ compiler (g++), on CUDA triton"
         ) from err
-    diff = relative_difference(got, expected)
-    if not diff <= rtol:
-        raise RuntimeError(
-            f"compile_for_inference: the compiled {type(model).__name__} differs from its eager outputs by {diff:.2e} "
-            f"(relative; tolerance {rtol:.0e})"
-        )
+    _require_close(
+        got,
+        expected,
+        rtol,
+        f"compile_for_inference: the compiled {type(model).__name__} differs from its eager outputs",
+    )
     return runner

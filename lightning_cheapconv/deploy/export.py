@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ._utils import relative_difference
+from ._utils import _require_close
 
 ExportFormat = Literal["onnx", "torchscript", "exported_program"]
 
@@ -88,10 +88,6 @@ def export_model(
                 return path
         with torch.inference_mode():
             got = _run_exported(path, format, example_input)
-        diff = relative_difference(got, expected)
-        if not diff <= rtol:
-            raise ExportMismatchError(
-                f"export_model: the {format} export of {type(model).__name__} differs from PyTorch by {diff:.2e} "
-                f"(relative, tolerance {rtol:.0e}); the file is at {path}"
-            )
+        what = f"export_model: the {format} export of {type(model).__name__} differs from PyTorch"
+        _require_close(got, expected, rtol, what, ExportMismatchError, f"; the file is at {path}")
     return path

@@ -17,7 +17,16 @@ from ..complexity import count_complexity
 from ..convert import replace_modules
 from ..nn import GhostConv2d, StructuredConv2d, StructuredLinear
 from ..nn.record import StructureRecordMixin
-from ._utils import _device_dtype, _forward, _like, _shape_text, _tolerance, _unique_modules, relative_difference
+from ._utils import (
+    _device_dtype,
+    _forward,
+    _like,
+    _require_close,
+    _shape_text,
+    _tolerance,
+    _unique_modules,
+    relative_difference,
+)
 from .compiled import compile_for_inference
 from .folding import Fold, fold_batchnorm, fold_ghost_permutations
 from .report import InferenceReport, LayerForms
@@ -272,12 +281,10 @@ def optimize_for_inference(
             _add_note(
                 row, f"{fold.target} folded" if fold.applied else f"{fold.target} kept ({fold.detail.split(':')[0]})"
             )
-    diff = relative_difference(_forward(optimized, x), reference)
-    if not diff <= tolerance:
-        raise RuntimeError(
-            f"optimize_for_inference: the optimized model's outputs differ from the model's by {diff:.2e} "
-            f"(relative; tolerance {tolerance:.0e}). This is a bug in lightning-cheapconv; please report it."
-        )
+    what = "optimize_for_inference: the optimized model's outputs differ from the model's"
+    diff = _require_close(
+        _forward(optimized, x), reference, tolerance, what, after=". This is a bug; please report it."
+    )
 
     # 4. Whole-model candidates, timed against each other.
     configurations: dict[str, tuple[nn.Module, list[Fold]]] = {
