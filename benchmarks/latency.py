@@ -22,7 +22,7 @@ With ``--compile`` every form runs compiled by :func:`~lightning_cheapconv.deplo
 (``torch.compile``, inductor with freezing: weights constant, BatchNorm folded, elementwise work such
 as the sum-pool fused with its neighbours), and the optimized forms come from
 ``optimize_for_inference(compile=True)``; by default for CIFAR
-ResNet-56 and ResNet-18 at batch 32 (compiling takes about half a minute per form here). That
+ResNet-56 and ResNet-18 (compiling takes about half a minute per form here). That
 table (2c) answers the same question for a deployment that compiles.
 
 All forms of one model, device and batch are timed in one process, interleaved round-robin
@@ -227,11 +227,10 @@ def main(argv: list[str] | None = None) -> Section:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="every form under torch.compile (default: resnet56 and resnet18 at batch 32); writes table 2c",
+        help="every form under torch.compile (default models: resnet56 and resnet18); writes table 2c",
     )
     args = parser.parse_args(argv)
     models = args.models or (["resnet56", "resnet18"] if args.compile else list(SPECS))
-    default_batches = [32] if args.compile else None
 
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 7)
@@ -269,8 +268,7 @@ def main(argv: list[str] | None = None) -> Section:
             base = base_forms(spec)
             counts = {name: macs(m, spec.size) for name, m in base.items()}
             counts["original, BN folded"] = counts["original"]
-            batches = args.batches or default_batches
-            batches = batches or ([1, 8] if args.quick and spec.size > 64 and device.type == "cpu" else [1, 32])
+            batches = args.batches or ([1, 8] if args.quick and spec.size > 64 and device.type == "cpu" else [1, 32])
             for batch in batches:
                 part = measure(spec, base, device, dtype, channels_last, batch, repeats, 0.01, counts, args.compile)
                 print(markdown(part), flush=True)
