@@ -553,6 +553,21 @@ def test_compile_for_inference_freezes_weights_and_matches_eager():
         assert torch.equal(runner(x), before)
 
 
+@needs_cxx
+def test_compile_for_inference_compiles_past_dynamos_default_recompile_limit():
+    """Each frozen model is a new compilation of the same forward code; dynamo's default limit (8) would leave the
+    ninth one eager without a word."""
+    x = torch.randn(1, 3, 8, 8)
+    for seed in range(9):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()).eval()
+        runner = compile_for_inference(model, x)
+    with torch.inference_mode():
+        before = runner(x)
+        model[0].weight.mul_(2.0)
+        assert torch.equal(runner(x), before)  # frozen: the ninth model was compiled too
+
+
 def test_compile_failure_is_a_clear_error(monkeypatch):
     def broken(module, **kwargs):
         def fail(*args):
