@@ -1,4 +1,4 @@
-"""Small networks shared by the callback tests and the DDP scripts they launch (tests/scripts/, which
+"""Small networks and helpers shared by the test modules and the DDP scripts they launch (tests/scripts/, which
 import this module through the ``PYTHONPATH`` that :func:`run_script` sets)."""
 
 from __future__ import annotations
@@ -15,6 +15,20 @@ import torch.nn.functional as F
 from torch import nn
 
 GHOST_TARGETS = ("c1", "c2", "c3")  # TinyNet's convertible convs: the stem and the classifier stay
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine parameters, so that folding has something to get wrong."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
+                m.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                m.bias.copy_(torch.rand(n, generator=generator) - 0.5)
+    return model.eval()
 
 
 def tiny_backbone(seed: int = 0) -> nn.Module:
@@ -93,6 +107,21 @@ class TinyNet(pl.LightningModule):
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         return opt
+
+
+def quiet_trainer(**kwargs: Any) -> pl.Trainer:
+    """A CPU Trainer with one device and no logger, checkpoints, progress bar, model summary or sanity check;
+    ``kwargs`` override or add Trainer arguments."""
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
+    return pl.Trainer(**{**options, **kwargs})
 
 
 def run_script(name: str, *args: str, timeout: float) -> subprocess.CompletedProcess:

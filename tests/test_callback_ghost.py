@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from lightning_fabric.utilities.exceptions import MisconfigurationException
-from nets import GHOST_TARGETS, TinyNet, run_script
+from nets import GHOST_TARGETS, TinyNet, quiet_trainer, run_script
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy
@@ -44,16 +44,8 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*"),
     pytest.mark.filterwarnings("ignore:.*defined a `validation_step` but have no `val_dataloader`.*"),
     pytest.mark.filterwarnings("ignore:.*smaller than the logging interval.*"),
+    pytest.mark.usefixtures("one_thread"),
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a busy 2-core machine, 2 OpenMP threads make small depthwise convs 20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 TARGETS = GHOST_TARGETS
@@ -106,19 +98,7 @@ def loader(n: int = 64, batch_size: int = 16, size: int = 8) -> DataLoader:
 
 
 def make_trainer(**kwargs: Any) -> pl.Trainer:
-    options: dict[str, Any] = {
-        "max_epochs": 3,
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "deterministic": True,
-    }
-    options.update(kwargs)
-    return pl.Trainer(**options)
+    return quiet_trainer(**{"max_epochs": 3, "deterministic": True, **kwargs})
 
 
 def param_ids(params: Any) -> list[int]:

@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from lightning_fabric.utilities.exceptions import MisconfigurationException
-from nets import run_script, tiny_backbone
+from nets import quiet_trainer, run_script, tiny_backbone
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy
@@ -59,21 +59,8 @@ def digits() -> DigitsDataModule:
 
 
 def make_trainer(**kwargs: Any) -> pl.Trainer:
-    options: dict[str, Any] = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=2,
-        limit_train_batches=4,
-        limit_val_batches=2,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-    )
-    options.update(kwargs)
-    return pl.Trainer(**options)
+    options = {"max_epochs": 2, "limit_train_batches": 4, "limit_val_batches": 2, "log_every_n_steps": 1}
+    return quiet_trainer(**{**options, **kwargs})
 
 
 def read_metrics(logger: CSVLogger) -> list[dict[str, str]]:

@@ -27,6 +27,8 @@ from lightning_cheapconv.models import resnet56
 from lightning_cheapconv.nn import GhostConv2d, StructuredConv2d, StructuredLinear
 from lightning_cheapconv.structure import StructureSpec, structural_residual
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _num_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
@@ -611,14 +613,6 @@ def test_ghost_failure_in_a_middle_layer_is_atomic():
     with pytest.raises(ValueError, match="were not called"):
         convert_to_ghost(partial, calibration=torch.randn(1, 3, 4, 4))
     _assert_unchanged(partial, snapshot)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_recalibrate_batchnorm_sets_plain_batch_statistics_and_restores_modes():

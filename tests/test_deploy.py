@@ -17,6 +17,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torchvision
+from nets import randomize_bn
 from torch import nn
 
 import lightning_cheapconv.deploy.optimize as deploy_optimize  # monkeypatched: it looks up time_interleaved, _form_key
@@ -43,30 +44,9 @@ from lightning_cheapconv.deploy import (
     time_interleaved,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FAST = {"repeats": 1, "min_time": 0.0, "warmup": 0}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small layers on an oversubscribed machine: one thread keeps them from waiting on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm statistics and affine parameters, so that folding has something to get wrong."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
-                m.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-                m.bias.copy_(torch.rand(n, generator=generator) - 0.5)
-    return model.eval()
 
 
 def converted(arch: str, method: str, num_classes: int = 10, init: str = "inherit") -> nn.Module:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from nets import randomize_bn
 from torch import nn
 
 import lightning_cheapconv.deploy.export as deploy_export  # monkeypatched: it looks up _run_exported
@@ -26,28 +27,15 @@ from lightning_cheapconv.deploy import (
 )
 from lightning_cheapconv.models import CifarResNet
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 RTOL = 1e-4
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def mixed_resnet8() -> nn.Module:
     """ResNet-8 with layer1 Ghost (inherited, so permuted), layer2 and layer3 structured; non-trivial BatchNorms."""
     torch.manual_seed(0)
-    model = CifarResNet(8, num_classes=10)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=generator) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-                m.bias.copy_(torch.rand(m.num_features, generator=generator) - 0.5)
+    model = randomize_bn(CifarResNet(8, num_classes=10))
     convert_to_ghost(model, include="layer1.*")
     decompose_structured(model, include=["layer2.*", "layer3.*"])
     return model.eval()

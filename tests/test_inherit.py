@@ -16,13 +16,7 @@ from lightning_cheapconv.convert import capture_inputs, convert_to_ghost, ghost_
 from lightning_cheapconv.inherit import assign_ghosts, fit_ghost_from_activations, fit_ghost_from_kernels
 from lightning_cheapconv.nn import GhostConv2d
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared; one thread is faster than two fighting for cores
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _channel_errors(a: torch.Tensor, b: torch.Tensor, crop: int = 0) -> torch.Tensor:

@@ -10,6 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from nets import quiet_trainer
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 
@@ -38,21 +39,8 @@ def digits() -> DigitsDataModule:
 
 
 def make_trainer(tmp_path: Path, logger: object = None, **kwargs: object) -> pl.Trainer:
-    options: dict[str, object] = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        limit_train_batches=3,
-        limit_val_batches=2,
-        logger=logger if logger is not None else CSVLogger(tmp_path),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-    )
-    options.update(kwargs)
-    return pl.Trainer(**options)
+    options = {"max_epochs": 1, "limit_train_batches": 3, "limit_val_batches": 2, "log_every_n_steps": 1}
+    return quiet_trainer(logger=logger if logger is not None else CSVLogger(tmp_path), **{**options, **kwargs})
 
 
 def read_csv_metrics(logger: CSVLogger) -> list[dict[str, str]]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from nets import GHOST_TARGETS, TinyNet
+from nets import GHOST_TARGETS, TinyNet, quiet_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_cheapconv import GhostConv2d, GhostConvCallback
@@ -44,18 +44,7 @@ def run(out_dir: Path, mode: str) -> None:
         callback = GhostConvCallback(start_epoch=1, calibration_batches=2, verbose=0)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
-    trainer = pl.Trainer(
-        max_epochs=3,
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(max_epochs=3, devices=2, strategy="ddp", callbacks=[callback])
     trainer.fit(model, loader, val_loader)
     in_optimizer = [p for group in trainer.optimizers[0].param_groups for p in group["params"]]
     torch.save(

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from nets import tiny_backbone
+from nets import quiet_trainer, tiny_backbone
 from pytorch_lightning.callbacks import Callback
 
 from lightning_cheapconv import DigitsDataModule, ImageClassifier, StructuredConvCallback
@@ -62,18 +62,12 @@ def main(out_dir: Path) -> None:
         channel_ratio=0.5, reg_weight=1.0, project_start_epoch=1, project_end_epoch=2, verbose=0
     )
     recorder = Recorder(structured)
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         devices=2,
         strategy="ddp",
         max_epochs=4,
         limit_train_batches=4,
         limit_val_batches=2,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[recorder, structured],
     )
     trainer.fit(model, datamodule=dm)
