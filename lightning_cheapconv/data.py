@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pytorch_lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision import datasets, transforms
 from torchvision.datasets.utils import download_and_extract_archive
+
+from ._lightning import LightningDataModule
 
 __all__ = [
     "CIFAR10_MEAN",

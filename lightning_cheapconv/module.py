@@ -7,13 +7,13 @@ from collections.abc import Sequence
 from functools import partial
 from typing import Any, Literal
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from ._lightning import LightningModule
 from .checkpoint import install_restructure_hook
 
 __all__ = ["ImageClassifier", "lr_factor", "split_decay_parameters"]
@@ -71,7 +71,7 @@ def lr_factor(
     return after
 
 
-class ImageClassifier(pl.LightningModule):
+class ImageClassifier(LightningModule):
     """Image classification with cross-entropy, top-1/top-5 accuracy and the usual CIFAR/ImageNet recipes.
 
     The network lives at ``self.backbone`` (so a ResNet's convolutions are named ``backbone.layer1.0.conv1``).

@@ -5,12 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import pytorch_lightning as pl
-from lightning_fabric.utilities.exceptions import MisconfigurationException
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from .._lightning import Callback, LightningModule, MisconfigurationException, Trainer, rank_zero_info, rank_zero_warn
 from ..checkpoint import install_restructure_hook
 from ..complexity import count_complexity
 from ..convert import LayerPlan
@@ -67,7 +64,7 @@ class CheapConvCallback(Callback):
         self._example: Tensor | None = None
 
     # -- subclass interface -------------------------------------------------------------------
-    def _select(self, pl_module: pl.LightningModule) -> list[LayerPlan]:
+    def _select(self, pl_module: LightningModule) -> list[LayerPlan]:
         raise NotImplementedError
 
     def _make_cheap_twin(self, name: str, layer: nn.Module) -> nn.Module:
@@ -86,7 +83,7 @@ class CheapConvCallback(Callback):
     def targets(self) -> list[str]:
         return [p.name for p in self.plan if p.action == "convert"]
 
-    def _setup_plan(self, pl_module: pl.LightningModule) -> None:
+    def _setup_plan(self, pl_module: LightningModule) -> None:
         self._example = None  # a callback reused for another fit must not count MACs on the last fit's input
         self.plan = self._select(pl_module)
         if not self.targets:
@@ -110,7 +107,7 @@ class CheapConvCallback(Callback):
             for epoch, group in zip(self.schedule.epochs, self.schedule.groups, strict=True):
                 rank_zero_info(f"  epoch {epoch}: {', '.join(group)}")
 
-    def _remember_example(self, pl_module: pl.LightningModule, batch: Any) -> None:
+    def _remember_example(self, pl_module: LightningModule, batch: Any) -> None:
         if self._example is not None:
             return
         example = getattr(pl_module, "example_input_array", None)
@@ -119,10 +116,10 @@ class CheapConvCallback(Callback):
         if isinstance(example, Tensor) and example.dim() >= 2:
             self._example = example[:1].detach().clone()
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int):
         self._remember_example(pl_module, batch)
 
-    def _measure(self, pl_module: pl.LightningModule) -> bool:
+    def _measure(self, pl_module: LightningModule) -> bool:
         assert self.tracker is not None
         if self.tracker.measured:
             return True
@@ -139,18 +136,18 @@ class CheapConvCallback(Callback):
             return False
         return True
 
-    def _cheap_now(self, pl_module: pl.LightningModule) -> set[str]:
+    def _cheap_now(self, pl_module: LightningModule) -> set[str]:
         """Target layers whose module is already in cheap form in the live model."""
         return {name for name in self.targets if not isinstance(pl_module.get_submodule(name), (nn.Conv2d, nn.Linear))}
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # No tracker outside fit (``trainer.validate`` before any fit): nothing to log.
         if trainer.sanity_checking or self.tracker is None or not self._measure(pl_module):
             return
         assert self.tracker is not None
         pl_module.log_dict(self.tracker.metrics(self._cheap_layers()), on_epoch=True, sync_dist=False)
 
-    def _report(self, pl_module: pl.LightningModule, title: str) -> None:
+    def _report(self, pl_module: LightningModule, title: str) -> None:
         """Rich table of the original vs the current model, on rank 0."""
         if not self.verbose or self._example is None or pl_module.trainer.global_rank != 0:
             return

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import pytorch_lightning as pl
 import torch
-from lightning_fabric.utilities.exceptions import MisconfigurationException
-from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from .._lightning import LightningModule, MisconfigurationException, Trainer, rank_zero_info, rank_zero_warn
 from ..convert import LayerPlan, capture_inputs, ghost_from_conv, recalibrate_batchnorm, replace_modules, select_layers
 from ..nn import GhostConv2d
 from .base import CheapConvCallback, Patterns
@@ -114,7 +112,7 @@ class GhostConvCallback(CheapConvCallback):
         self._pending: list[str] = []
 
     # -- selection ------------------------------------------------------------------------------
-    def _select(self, pl_module: pl.LightningModule) -> list[LayerPlan]:
+    def _select(self, pl_module: LightningModule) -> list[LayerPlan]:
         return select_layers(
             pl_module,
             "ghost",
@@ -133,7 +131,7 @@ class GhostConvCallback(CheapConvCallback):
         return set(self.fit_errors)
 
     # -- setup and schedule -----------------------------------------------------------------------
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self._setup_plan(pl_module)
@@ -155,7 +153,7 @@ class GhostConvCallback(CheapConvCallback):
             # Before DDP wrapping and configure_optimizers: plain module surgery, any strategy.
             self._convert(trainer, pl_module, list(self.schedule.due_at(0)), "setup", mid_fit=False)
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self.schedule is not None
         current = set(self._live_ghosts(pl_module))
         self.fit_errors.update({n: self.fit_errors.get(n) for n in current})  # restored from a checkpoint
@@ -164,7 +162,7 @@ class GhostConvCallback(CheapConvCallback):
         if self._pending and self.calibration_batches == 0:
             self._convert(trainer, pl_module, self._pending, f"epoch {trainer.current_epoch}", mid_fit=True)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int):
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if not self._pending:
             return
@@ -175,7 +173,7 @@ class GhostConvCallback(CheapConvCallback):
         if len(self._calibration) >= self.calibration_batches:
             self._convert(trainer, pl_module, self._pending, f"epoch {trainer.current_epoch}", mid_fit=True)
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._pending:  # the epoch had fewer batches than calibration_batches
             self._convert(trainer, pl_module, self._pending, f"end of epoch {trainer.current_epoch}", mid_fit=True)
 
@@ -184,7 +182,7 @@ class GhostConvCallback(CheapConvCallback):
 
     # -- conversion ---------------------------------------------------------------------------------
     def _convert(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, names: list[str], when: str, mid_fit: bool
+        self, trainer: Trainer, pl_module: LightningModule, names: list[str], when: str, mid_fit: bool
     ) -> None:
         inputs: dict[str, Tensor] = {}
         if self._calibration:
@@ -230,7 +228,7 @@ class GhostConvCallback(CheapConvCallback):
                 + (per_layer if self.verbose > 1 else "")
             )
 
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._report(pl_module, "GhostConvCallback: original vs Ghost")
 
     def state_dict(self) -> dict[str, Any]:

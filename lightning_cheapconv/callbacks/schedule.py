@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from lightning_fabric.utilities.exceptions import MisconfigurationException
+from .._lightning import MisconfigurationException
 
 __all__ = ["StageSchedule", "Order"]
 

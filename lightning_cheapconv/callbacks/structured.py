@@ -6,12 +6,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
-from lightning_fabric.utilities.exceptions import MisconfigurationException
-from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from .._lightning import LightningModule, MisconfigurationException, Trainer, rank_zero_info, rank_zero_warn
 from ..convert import LayerPlan, decompose_structured, select_layers, structure_spec_for
 from ..nn import StructuredConv2d, StructuredLinear
 from ..structure import StructureSpec, project, structural_residual
@@ -143,7 +141,7 @@ class StructuredConvCallback(CheapConvCallback):
         self._last_projected_step = -1
 
     # -- selection ----------------------------------------------------------------------------
-    def _select(self, pl_module: pl.LightningModule) -> list[LayerPlan]:
+    def _select(self, pl_module: LightningModule) -> list[LayerPlan]:
         try:
             return select_layers(
                 pl_module,
@@ -184,7 +182,7 @@ class StructuredConvCallback(CheapConvCallback):
         return set(self.projected)
 
     # -- setup ----------------------------------------------------------------------------------
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         check_strategy(trainer, type(self).__name__, changes_mid_fit=False)
@@ -197,7 +195,7 @@ class StructuredConvCallback(CheapConvCallback):
         self._last_projected_step = -1
         self.layer_residuals, self.decomposition_error = {}, None  # nothing left from an earlier fit
 
-    def _projection_window(self, trainer: pl.Trainer) -> tuple[int | None, int]:
+    def _projection_window(self, trainer: Trainer) -> tuple[int | None, int]:
         start, end = self.project_start_epoch, self.project_end_epoch
         max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
         if start is None:
@@ -226,7 +224,7 @@ class StructuredConvCallback(CheapConvCallback):
         return self.reg_weight * min(1.0, (epoch + 1) / (self.reg_schedule + 1))
 
     def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
         weight = self.current_reg_weight(trainer.current_epoch)
@@ -257,25 +255,25 @@ class StructuredConvCallback(CheapConvCallback):
 
     # -- projection -----------------------------------------------------------------------------
     @staticmethod
-    def _dense(pl_module: pl.LightningModule, names: Sequence[str]) -> list[str]:
+    def _dense(pl_module: LightningModule, names: Sequence[str]) -> list[str]:
         """Those of ``names`` still in dense form. A run resumed from a checkpoint saved after the fit-end
         decomposition has them decomposed already: structured by construction, nothing to project."""
         return [n for n in names if isinstance(pl_module.get_submodule(n), (nn.Conv2d, nn.Linear))]
 
-    def _project(self, pl_module: pl.LightningModule, names: Sequence[str]) -> None:
+    def _project(self, pl_module: LightningModule, names: Sequence[str]) -> None:
         with torch.no_grad():
             for name in self._dense(pl_module, names):
                 weight = pl_module.get_submodule(name).weight
                 weight.copy_(project(weight, self.specs[name]))
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.schedule is None:
             return
         due = [n for n in self.schedule.due_by(trainer.current_epoch) if n not in self.projected]
         if due:
             self._start_projecting(pl_module, due, f"epoch {trainer.current_epoch}")
 
-    def _start_projecting(self, pl_module: pl.LightningModule, names: Sequence[str], when: str) -> None:
+    def _start_projecting(self, pl_module: LightningModule, names: Sequence[str], when: str) -> None:
         with torch.no_grad():
             moved = {
                 n: float(structural_residual(pl_module.get_submodule(n).weight, self.specs[n]))
@@ -292,14 +290,14 @@ class StructuredConvCallback(CheapConvCallback):
             )
 
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         # Project after every optimizer step (global_step counts them), not after every micro-batch.
         if self.projected and trainer.global_step != self._last_projected_step:
             self._project(pl_module, sorted(self.projected))
             self._last_projected_step = trainer.global_step
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         with torch.no_grad():
             self.layer_residuals = {
                 n: float(structural_residual(pl_module.get_submodule(n).weight, self.specs[n]))
@@ -312,7 +310,7 @@ class StructuredConvCallback(CheapConvCallback):
             )
 
     # -- fit end ----------------------------------------------------------------------------------
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.decompose_on_fit_end:
             return
         remaining = [n for n in self.targets if n not in self.projected]
@@ -331,7 +329,7 @@ class StructuredConvCallback(CheapConvCallback):
             torch.save(pl_module.state_dict(), self.export_path)
             rank_zero_info(f"StructuredConvCallback: decomposed state dict saved to {self.export_path}")
 
-    def _decompose(self, trainer: pl.Trainer, pl_module: pl.LightningModule, names: list[str]) -> None:
+    def _decompose(self, trainer: Trainer, pl_module: LightningModule, names: list[str]) -> None:
         example = self._example.to(pl_module.device) if self._example is not None else None
         reference = self._outputs(pl_module, example)
         old = {n: pl_module.get_submodule(n) for n in names}
@@ -347,7 +345,7 @@ class StructuredConvCallback(CheapConvCallback):
             self.decomposition_error = float((decomposed - reference).abs().max() / scale)
 
     @staticmethod
-    def _outputs(pl_module: pl.LightningModule, example: torch.Tensor | None) -> torch.Tensor | None:
+    def _outputs(pl_module: LightningModule, example: torch.Tensor | None) -> torch.Tensor | None:
         if example is None:
             return None
         was_training = pl_module.training

@@ -3,28 +3,25 @@ edited in place, and DDP wrapped again (DESIGN.md section 4)."""
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from lightning_fabric.utilities.exceptions import MisconfigurationException
-from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
-from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher
 from torch import nn
+
+from .._lightning import MisconfigurationException, Trainer, is_ddp, is_sharded, is_spawn_launcher
 
 __all__ = ["check_strategy", "broadcast_module", "swap_in_optimizers", "rewrap"]
 
 
-def check_strategy(trainer: pl.Trainer, who: str, changes_mid_fit: bool) -> None:
+def check_strategy(trainer: Trainer, who: str, changes_mid_fit: bool) -> None:
     """Refuse strategies where this callback cannot work safely, with a message saying what to use."""
     strategy = trainer.strategy
     launcher = getattr(strategy, "launcher", None)
-    if isinstance(launcher, _MultiProcessingLauncher):
+    if is_spawn_launcher(launcher):
         raise MisconfigurationException(
             f"{who}: strategy {type(strategy).__name__} with a spawn/fork launcher runs fit in worker processes and "
             "loses architecture changes when it hands the weights back. Use strategy='ddp'."
         )
-    # DeepSpeedStrategy subclasses DDPStrategy but shards weights and optimizer state: refuse it by name.
-    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, DeepSpeedStrategy):
+    if is_sharded(strategy):
         detail = "changes modules in the middle of fit" if changes_mid_fit else "reads and edits full weights"
         raise MisconfigurationException(
             f"{who}: strategy {type(strategy).__name__} is not supported: this callback {detail}, which sharded "
@@ -81,9 +78,9 @@ def swap_in_optimizers(optimizers: list[torch.optim.Optimizer], old: nn.Module, 
             group["params"] = params
 
 
-def rewrap(trainer: pl.Trainer) -> None:
+def rewrap(trainer: Trainer) -> None:
     """Wrap the LightningModule in DDP again after its modules changed (no-op for single-device strategies)."""
     strategy = trainer.strategy
-    if isinstance(strategy, DDPStrategy):
+    if is_ddp(strategy):
         strategy.model = trainer.lightning_module
         strategy.configure_ddp()
