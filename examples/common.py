@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from lightning_cheapconv import (
     CIFAR10DataModule,
@@ -20,6 +19,14 @@ from lightning_cheapconv import (
     ImageNetDataModule,
     StructuredConvCallback,
 )
+
+# The callbacks, ImageClassifier and the data modules work with either Lightning package; --lightning picks the
+# one that runs the Trainer (the `lightning` package is `pip install lightning`).
+LIGHTNING_PACKAGES = {"pytorch_lightning": "pytorch_lightning", "lightning": "lightning.pytorch"}
+
+
+def lightning_package(args: argparse.Namespace) -> ModuleType:
+    return importlib.import_module(LIGHTNING_PACKAGES[args.lightning])
 
 
 def _fraction_or_count(text: str) -> float | int:
@@ -48,6 +55,9 @@ def trainer_arguments(parser: argparse.ArgumentParser, epochs: int, batch_size: 
     group.add_argument("--limit-batches", type=_fraction_or_count, default=1.0, help="fraction or count of batches")
     group.add_argument("--ckpt", type=Path, default=None, help="fine-tune from this ImageClassifier checkpoint")
     group.add_argument("--output", type=Path, default=Path("runs/example"), help="logs, checkpoints, converted model")
+    group.add_argument(
+        "--lightning", choices=tuple(LIGHTNING_PACKAGES), default="pytorch_lightning", help="package of the Trainer"
+    )
 
 
 def ghost_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,7 +93,7 @@ def cifar_parser(description: str, method: str) -> argparse.ArgumentParser:
     return parser
 
 
-def make_callback(method: str, args: argparse.Namespace) -> Callback:
+def make_callback(method: str, args: argparse.Namespace) -> GhostConvCallback | StructuredConvCallback:
     if method == "ghost":
         return GhostConvCallback(
             ratio=args.ratio,
@@ -105,7 +115,7 @@ def make_callback(method: str, args: argparse.Namespace) -> Callback:
     )
 
 
-def make_cifar_datamodule(args: argparse.Namespace) -> pl.LightningDataModule:
+def make_cifar_datamodule(args: argparse.Namespace) -> DigitsDataModule | CIFAR10DataModule:
     if args.dataset == "digits":
         return DigitsDataModule(batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed)
     return CIFAR10DataModule(
@@ -113,7 +123,7 @@ def make_cifar_datamodule(args: argparse.Namespace) -> pl.LightningDataModule:
     )
 
 
-def make_imagenet_datamodule(args: argparse.Namespace) -> pl.LightningDataModule:
+def make_imagenet_datamodule(args: argparse.Namespace) -> ImageNetDataModule:
     return ImageNetDataModule(data_dir=args.data_dir, batch_size=args.batch_size, num_workers=args.num_workers)
 
 
@@ -133,9 +143,11 @@ def make_model(args: argparse.Namespace, num_classes: int) -> ImageClassifier:
     )
 
 
-def make_trainer(args: argparse.Namespace, callback: Callback) -> pl.Trainer:
+def make_trainer(args: argparse.Namespace, callback: Any) -> Any:
+    """A Trainer of the package ``--lightning`` names."""
+    pl = lightning_package(args)
     distributed = args.devices > 1 or args.num_nodes > 1
-    checkpoint = ModelCheckpoint(
+    checkpoint = pl.callbacks.ModelCheckpoint(
         dirpath=args.output / "checkpoints", monitor="val/acc", mode="max", save_last=True, filename="{epoch}"
     )
     return pl.Trainer(
@@ -149,15 +161,16 @@ def make_trainer(args: argparse.Namespace, callback: Callback) -> pl.Trainer:
         fast_dev_run=args.fast_dev_run,
         limit_train_batches=args.limit_batches,
         limit_val_batches=args.limit_batches,
-        callbacks=[callback, checkpoint, LearningRateMonitor()],
-        logger=CSVLogger(args.output, name="logs"),
+        callbacks=[callback, checkpoint, pl.callbacks.LearningRateMonitor()],
+        logger=pl.loggers.CSVLogger(args.output, name="logs"),
         deterministic=False,
         log_every_n_steps=10,
     )
 
 
-def run(method: str, args: argparse.Namespace, datamodule: pl.LightningDataModule, num_classes: int) -> dict:
+def run(method: str, args: argparse.Namespace, datamodule: Any, num_classes: int) -> dict:
     """Train with the method's callback, test, print a summary, save the converted model; returns the summary."""
+    pl = lightning_package(args)
     pl.seed_everything(args.seed, workers=True)
     model = make_model(args, num_classes)
     callback = make_callback(method, args)
@@ -178,7 +191,7 @@ def run(method: str, args: argparse.Namespace, datamodule: pl.LightningDataModul
         torch.save(model.state_dict(), args.output / "converted.pt")
         (args.output / "summary.json").write_text(json.dumps(summary, indent=2))
     acc = summary["test_acc"]
-    rank_zero_info(
+    pl.utilities.rank_zero.rank_zero_info(
         f"\n{method} {args.arch}: test accuracy "
         + (f"{100 * acc:.2f}%" if acc is not None else "n/a (fast dev run)")
         + (

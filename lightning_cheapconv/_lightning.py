@@ -29,6 +29,8 @@ __all__ = [
     "rank_zero_info",
     "rank_zero_warn",
     "is_ddp",
+    "is_model_pruning",
+    "is_weight_averaging",
     "is_single_device",
     "is_sharded",
     "is_spawn_launcher",
@@ -187,6 +189,20 @@ _DDP = _each("strategies.DDPStrategy")
 _SINGLE_DEVICE = _each("strategies.SingleDeviceStrategy")
 _DEEPSPEED = _each("strategies.DeepSpeedStrategy")
 _SPAWN = _each("strategies.launchers.multiprocessing._MultiProcessingLauncher")
+
+
+_PRUNING = _each("callbacks.ModelPruning")
+_AVERAGING = _each("callbacks.StochasticWeightAveraging") + _each("callbacks.WeightAveraging")
+
+
+def is_model_pruning(callback: object) -> bool:
+    """Lightning's ``ModelPruning`` (any tree)."""
+    return isinstance(callback, _PRUNING)
+
+
+def is_weight_averaging(callback: object) -> bool:
+    """Lightning's ``StochasticWeightAveraging``, ``WeightAveraging`` or ``EMAWeightAveraging`` (any tree)."""
+    return isinstance(callback, _AVERAGING)
 
 
 def is_ddp(strategy: object) -> bool:

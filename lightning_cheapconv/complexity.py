@@ -20,6 +20,10 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from torch.utils.flop_counter import FlopCounterMode
 
+from .calls import ModelCall
+from .reuse import evaluating
+from .validation import check_finite_number, check_instance, check_int, short_repr
+
 __all__ = ["Complexity", "LayerComplexity", "compression_ratios", "count_complexity", "format_count"]
 
 _SUFFIXES = ("", "K", "M", "G", "T", "P")
@@ -32,9 +36,14 @@ def format_count(n: float, digits: int = 3) -> str:
 
         >>> format_count(1234), format_count(11_689_512), format_count(1_814_073_344), format_count(512)
         ('1.23K', '11.7M', '1.81G', '512')
+
+    Raises:
+        ValueError: if ``n`` is not a real number or ``digits`` not an int >= 1 (``inf`` and ``nan`` are shown as such).
     """
+    check_int("digits", digits, 1, owner="format_count")
     if isinstance(n, float) and not math.isfinite(n):
         return str(n)
+    check_finite_number("n", n, owner="format_count")
     sign, value = ("-" if n < 0 else ""), abs(n)
     if value < 1000:
         return f"{sign}{int(value)}" if float(value).is_integer() else f"{sign}{value:.{digits}g}"
@@ -143,6 +152,8 @@ def compression_ratios(before: Complexity, after: Complexity) -> dict[str, float
         >>> round(r["params_ratio"], 2), round(r["macs_ratio"], 2)
         (1.95, 1.92)
     """
+    check_instance("before", before, Complexity, owner="compression_ratios")
+    check_instance("after", after, Complexity, owner="compression_ratios")
     return {
         "params_ratio": _ratio(before.params, after.params),
         "macs_ratio": _ratio(before.macs, after.macs),
@@ -263,32 +274,40 @@ def _example_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 def _make_input(
-    model: nn.Module, input_shape: Sequence[int] | None, example_input: Tensor | Sequence[Tensor] | None
-) -> tuple[tuple[Tensor, ...], tuple[int, ...] | None]:
+    model: nn.Module, input_shape: Sequence[int] | None, example_input: Tensor | Sequence[Tensor] | ModelCall | None
+) -> tuple[ModelCall, tuple[int, ...] | None]:
     if (input_shape is None) == (example_input is None):
         raise ValueError("count_complexity: pass exactly one of input_shape and example_input")
     device, dtype = _example_device_dtype(model)
     if example_input is not None:
-        inputs = (example_input,) if isinstance(example_input, Tensor) else tuple(example_input)
-        moved = tuple(
-            (x.to(device, dtype) if x.is_floating_point() else x.to(device)) if isinstance(x, Tensor) else x
-            for x in inputs
-        )
-        first = moved[0] if moved and isinstance(moved[0], Tensor) else None
+        if not isinstance(example_input, (Tensor, Sequence, ModelCall)) or isinstance(example_input, str):
+            raise ValueError(
+                f"count_complexity: example_input must be a tensor, a sequence of positional inputs or a ModelCall, "
+                f"got {type(example_input).__name__}"
+            )
+        if isinstance(example_input, ModelCall):
+            call = example_input
+        else:
+            call = ModelCall((example_input,) if isinstance(example_input, Tensor) else tuple(example_input))
+        moved = call.to(device, floating_dtype=dtype)
+        first = next(moved.tensors(), None)
         return moved, None if first is None else tuple(first.shape)
-    shape = tuple(int(d) for d in input_shape)  # type: ignore[union-attr]
-    if not shape or min(shape) < 1:
-        raise ValueError(f"count_complexity: input_shape must be non-empty positive ints, got {input_shape!r}")
+    if not isinstance(input_shape, Sequence) or isinstance(input_shape, str) or not input_shape:
+        raise ValueError(
+            f"count_complexity: input_shape={short_repr(input_shape)} is not valid; valid values are non-empty "
+            "sequences of ints >= 1, such as (1, 3, 224, 224)"
+        )
+    shape = tuple(check_int(f"input_shape[{i}]", d, 1, owner="count_complexity") for i, d in enumerate(input_shape))
     if device.type == "meta":
-        return (torch.empty(shape, device=device, dtype=dtype),), shape
+        return ModelCall((torch.empty(shape, device=device, dtype=dtype),)), shape
     generator = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG alone
-    return (torch.randn(shape, generator=generator, device=device, dtype=dtype),), shape
+    return ModelCall((torch.randn(shape, generator=generator, device=device, dtype=dtype),)), shape
 
 
 def count_complexity(
     model: nn.Module,
     input_shape: Sequence[int] | None = None,
-    example_input: Tensor | Sequence[Tensor] | None = None,
+    example_input: Tensor | Sequence[Tensor] | ModelCall | None = None,
     leaf_types: tuple[type, ...] | None = None,
 ) -> Complexity:
     """Count parameters, MACs and sum-pool additions of ``model``, per layer, over one forward pass.
@@ -297,8 +316,9 @@ def count_complexity(
     :class:`~torch.utils.flop_counter.FlopCounterMode` (so weights and BatchNorm running statistics
     are untouched), then restores every module's training flag. Pass ``input_shape`` (a random
     input is made on the device and dtype of the model's first parameter, without touching the
-    global RNG) or ``example_input`` (a tensor, or a sequence of positional inputs; moved to the
-    model's device, floating tensors cast to its dtype).
+    global RNG) or ``example_input`` (a tensor, a sequence of positional inputs, or a recorded call
+    :class:`~lightning_cheapconv.calls.ModelCall` with keyword arguments too; moved to the model's device,
+    floating tensors cast to its dtype).
 
     MACs are FLOPs / 2 as the counter reports them: convolutions (grouped, depthwise, strided,
     dilated) and matrix products, functional calls included. **Bias additions and BatchNorm are
@@ -318,14 +338,21 @@ def count_complexity(
         >>> c = count_complexity(torchvision.models.resnet18(), input_shape=(1, 3, 224, 224))
         >>> c.params, c.macs
         (11689512, 1814073344)
+
+    Raises:
+        ValueError: for a ``model`` that is no ``nn.Module``, not exactly one of ``input_shape`` (a sequence of
+            ints >= 1) and ``example_input``, or ``leaf_types`` that are not classes. Errors of the forward pass
+            itself propagate unchanged, with every hook removed and every mode restored.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"count_complexity expects an nn.Module, got {type(model).__name__}")
-    leaf_types = tuple(leaf_types or ())
+    check_instance("model", model, nn.Module, owner="count_complexity")
+    leaf_types = (leaf_types,) if isinstance(leaf_types, type) else tuple(leaf_types or ())
+    if not all(isinstance(t, type) for t in leaf_types):
+        raise ValueError(
+            f"count_complexity: leaf_types={short_repr(leaf_types)} must be module classes (a tuple of types)"
+        )
     inputs, shape = _make_input(model, input_shape, example_input)
     candidates, row_of, folded = _walk(model, leaf_types)
 
-    modes = [(module, module.training) for module in model.modules()]
     counter = FlopCounterMode(display=False)
     attribution = _Attribution(counter, row_of, folded)
     handles = []
@@ -333,16 +360,11 @@ def count_complexity(
         for module in row_of:
             handles.append(module.register_forward_pre_hook(attribution.pre, with_kwargs=True))
             handles.append(module.register_forward_hook(attribution.post, with_kwargs=True, always_call=True))
-        model.eval()
-        with torch.no_grad(), counter:
-            model(*inputs)
+        with evaluating(model), counter:
+            inputs(model)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(modes[0][1])
-        for module, training in modes:
-            if module.training != training:
-                module.training = training
 
     seen: set[int] = set()
     rows = []

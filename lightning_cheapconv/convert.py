@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 import fnmatch
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -19,9 +20,20 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .inherit import fit_ghost_from_activations, fit_ghost_from_kernels
+from .calls import ModelCall, as_calls
+from .inherit import check_ghost_sizes, fit_ghost_from_activations, fit_ghost_from_kernels
 from .nn import GhostConv2d, StructuredConv2d, StructuredLinear
-from .structure import StructureSpec, spec_from_ratios, structural_residual
+from .reuse import evaluating, find_weight_reuse, module_names, run_example
+from .structure import StructureSpec, check_structure_ratios, spec_from_ratios, structural_residual
+from .validation import (
+    check_bool,
+    check_choice,
+    check_finite_tensor,
+    check_instance,
+    check_int,
+    check_patterns,
+    short_repr,
+)
 
 __all__ = [
     "LayerPlan",
@@ -119,24 +131,8 @@ class ConversionResult:
         return "\n".join(lines)
 
 
-def _as_patterns(patterns: Patterns) -> tuple[str, ...] | None:
-    if patterns is None:
-        return None
-    if isinstance(patterns, str):
-        return (patterns,)
-    return tuple(patterns)
-
-
 def _matches(names: Sequence[str], patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
-
-
-def _module_names(model: nn.Module) -> dict[int, list[str]]:
-    """Every qualified name of every module object (a shared module has several)."""
-    names: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(module), []).append(name)
-    return names
 
 
 def _is_depthwise(conv: nn.Conv2d) -> bool:
@@ -173,7 +169,11 @@ def structure_spec_for(
     kernel_size: int | tuple[int, int] | None = None,
     name: str = "layer",
 ) -> StructureSpec:
-    """The hidden sizes a Conv2d (per group) or Linear gets from the ratios (see :func:`spec_from_ratios`)."""
+    """The hidden sizes a Conv2d (per group) or Linear gets from the ratios (see :func:`spec_from_ratios`).
+
+    Raises:
+        ValueError: naming ``name`` for a layer that is neither, or the ratio out of range.
+    """
     if isinstance(layer, nn.Conv2d):
         shape = (layer.in_channels // layer.groups, *layer.kernel_size)
     elif isinstance(layer, nn.Linear):
@@ -208,6 +208,7 @@ def select_layers(
     channel_ratio: float = 1.0,
     kernel_reduction: int | None = 1,
     kernel_size: int | tuple[int, int] | None = None,
+    example_input: Tensor | ModelCall | None = None,
 ) -> list[LayerPlan]:
     """Plan which layers of ``model`` a method converts, and why each other candidate is skipped.
 
@@ -216,14 +217,28 @@ def select_layers(
     layer (the classifier) are kept (``skip_first``/``skip_last``); Ghost skips depthwise and
     grouped convs; structured skips 1x1 convs unless ``channel_ratio < 1``. ``include``/``exclude``
     are glob patterns on qualified names (``"layer1.*"``, ``"*.conv2"``); a shared module matches
-    through any of its names and is planned once.
+    through any of its names and is planned once. A layer whose parameters are used outside it
+    (a tied decoder reading ``enc.weight``) is skipped with the reason "weight used outside the
+    layer (by ...)": :func:`~lightning_cheapconv.reuse.find_weight_reuse`, which runs ``example_input``
+    (a batch of model inputs) through the model once when given, and traces it with ``torch.fx`` otherwise.
+
+    Raises:
+        ValueError: naming the argument, its value and the valid range, for any invalid argument.
     """
-    include_p, exclude_p = _as_patterns(include), _as_patterns(exclude)
-    if method not in ("ghost", "structured"):
-        raise ValueError(f"method={method!r}; valid methods are 'ghost' and 'structured'")
+    owner = "select_layers"
+    check_instance("model", model, nn.Module, owner=owner)
+    check_choice("method", method, ("ghost", "structured"), owner=owner)
+    include_p = check_patterns("include", include, owner=owner)
+    exclude_p = check_patterns("exclude", exclude, owner=owner)
+    for flag, value in (("skip_first", skip_first), ("skip_last", skip_last), ("linear", linear)):
+        check_bool(flag, value, owner=owner)
+    ratio, dw_size = check_ghost_sizes(ratio, dw_size, owner)
+    check_structure_ratios(channel_ratio, kernel_reduction, kernel_size, owner)
     if linear and method == "ghost":
-        raise ValueError("linear=True applies to the structured method only")
-    names = _module_names(model)
+        raise ValueError(
+            f"{owner}: linear=True applies to the structured method only; valid with method='ghost': False"
+        )
+    names = module_names(model)
     kinds = (nn.Conv2d, nn.Linear) if linear else (nn.Conv2d,)
     seen: set[int] = set()
     layers: list[tuple[str, nn.Module]] = []
@@ -280,6 +295,10 @@ def select_layers(
             skip(reason)
             continue
         plan.append(LayerPlan(name, kind, "convert", action_text, aliases, order))
+    reused = find_weight_reuse(model, [p.name for p in plan if p.action == "convert"], example_input)
+    for entry in plan:
+        if entry.name in reused:
+            entry.action, entry.reason = "skip", reused[entry.name]
     return plan
 
 
@@ -288,20 +307,32 @@ def replace_modules(model: nn.Module, replacements: dict[str, nn.Module]) -> Non
 
     Every other name under which the same module object is reachable is redirected too, so a
     shared layer stays shared. Names are resolved before anything is swapped: an unknown name
-    raises ``ValueError`` and leaves the model unchanged.
+    or a replacement that is not an ``nn.Module`` raises ``ValueError`` and leaves the model unchanged.
     """
-    names = _module_names(model)
+    check_instance("model", model, nn.Module, owner="replace_modules")
+    check_instance("replacements", replacements, dict, owner="replace_modules")
+    names = module_names(model)
     targets: list[tuple[str, nn.Module]] = []
     for name, new in replacements.items():
+        check_instance(f"replacements[{name!r}]", new, nn.Module, owner="replace_modules")
         try:
             old = model.get_submodule(name)
-        except AttributeError as err:
+        except (AttributeError, TypeError) as err:
             raise ValueError(f"replace_modules: model has no submodule {name!r}") from err
         if "" in names[id(old)]:
             raise ValueError("replace_modules: cannot replace the root module itself")
         targets.extend((alias, new) for alias in names[id(old)])
     for alias, new in targets:
         model.set_submodule(alias, new)
+
+
+def _inherit_requires_grad(old: nn.Module, new: nn.Module) -> None:
+    """A frozen layer stays frozen: the new module's biases take ``requires_grad`` from the old bias (from the old
+    weight when it had none), every other parameter from the old weight."""
+    weight_flag = old.weight.requires_grad
+    bias_flag = old.bias.requires_grad if old.bias is not None else weight_flag
+    for name, param in new.named_parameters():
+        param.requires_grad_(bias_flag if name.rpartition(".")[2] == "bias" else weight_flag)
 
 
 def ghost_from_conv(
@@ -316,12 +347,22 @@ def ghost_from_conv(
 
     ``init="inherit"`` maps the trained filters onto the Ghost module (DESIGN.md section 3):
     ``m`` filters become the primary conv unchanged, the others are fitted as depthwise ghosts,
-    in kernel space or, given ``calibration_input`` (this layer's input), on real activations;
-    the original output channel order is kept. ``init="random"`` starts from fresh weights.
+    in kernel space or, given ``calibration_input`` (this layer's input, ``(B, C_in, H, W)``), on real
+    activations; the original output channel order is kept. ``init="random"`` starts from fresh weights
+    (then neither the weights nor ``calibration_input`` are read). The new parameters take
+    ``requires_grad`` from ``conv``'s (a frozen conv gives a frozen Ghost module).
+
+    Raises:
+        ValueError: naming ``name`` for a conv that cannot become a Ghost module (depthwise, grouped, too few
+            channels), NaN/inf weights or calibration input when inheriting, or an argument out of range.
     """
+    ratio, dw_size = check_ghost_sizes(ratio, dw_size, name)
+    check_choice("init", init, ("inherit", "random"), owner=name)
     if not isinstance(conv, nn.Conv2d):
         raise ValueError(f"{name}: expected nn.Conv2d, got {type(conv).__name__}")
-    reason = _ghost_skip_reason(conv, ratio, dw_size) if isinstance(ratio, int) and ratio >= 2 else None
+    if calibration_input is not None and init == "random":
+        raise ValueError(f"{name}: calibration_input is only read with init='inherit'; valid with 'random': None")
+    reason = _ghost_skip_reason(conv, ratio, dw_size)
     if reason is not None:
         raise ValueError(f"{name}: cannot convert to Ghost: {reason}")
     weight = conv.weight
@@ -342,15 +383,15 @@ def ghost_from_conv(
         )
     except ValueError as err:
         raise ValueError(f"{name}: {err}") from err
+    _inherit_requires_grad(conv, ghost)
     if init == "random":
         return ghost, None
-    if init != "inherit":
-        raise ValueError(f"{name}: init={init!r}; valid values are 'inherit' and 'random'")
     with torch.no_grad():
         if calibration_input is not None:
-            fit = fit_ghost_from_activations(conv, calibration_input.to(weight.device), ratio, dw_size)
+            check_instance(f"{name}: calibration_input", calibration_input, Tensor)
+            fit = fit_ghost_from_activations(conv, calibration_input.to(weight.device), ratio, dw_size, name=name)
         else:
-            fit = fit_ghost_from_kernels(conv, ratio, dw_size)
+            fit = fit_ghost_from_kernels(conv, ratio, dw_size, name=name)
         m, slots = ghost.intrinsic_channels, ratio - 1
         ghost.primary.weight.copy_(weight[fit.intrinsics.to(weight.device)])
         cheap_weight = torch.zeros_like(ghost.cheap.weight)
@@ -376,15 +417,28 @@ def ghost_from_conv(
 def structured_from_dense(
     layer: nn.Module, spec: StructureSpec, name: str = "layer"
 ) -> tuple[StructuredConv2d | StructuredLinear, float]:
-    """Project and decompose a Conv2d/Linear; returns the new layer and the relative projection residual."""
+    """Project and decompose a Conv2d/Linear; returns the new layer and the relative projection residual.
+
+    The new parameters take ``requires_grad`` from ``layer``'s (a frozen layer stays frozen).
+
+    Raises:
+        ValueError: naming ``name`` for another layer type, NaN/inf weights, or a ``spec`` out of range.
+    """
+    check_instance(f"{name}: spec", spec, StructureSpec)
     if isinstance(layer, nn.Conv2d):
         spec.validate((layer.in_channels // layer.groups, *layer.kernel_size), layer=name)
-        new: StructuredConv2d | StructuredLinear = StructuredConv2d.from_dense(layer, spec.channels, spec.kernel_size)
     elif isinstance(layer, nn.Linear):
         spec.validate((layer.in_features,), layer=name)
-        new = StructuredLinear.from_dense(layer, spec.channels)
     else:
         raise ValueError(f"{name}: expected nn.Conv2d or nn.Linear, got {type(layer).__name__}")
+    check_finite_tensor(f"{name}.weight", layer.weight)
+    if layer.bias is not None:
+        check_finite_tensor(f"{name}.bias", layer.bias)
+    if isinstance(layer, nn.Conv2d):
+        new: StructuredConv2d | StructuredLinear = StructuredConv2d.from_dense(layer, spec.channels, spec.kernel_size)
+    else:
+        new = StructuredLinear.from_dense(layer, spec.channels)
+    _inherit_requires_grad(layer, new)
     with torch.no_grad():
         residual = float(structural_residual(layer.weight.detach().double(), spec))
     return new, residual
@@ -406,65 +460,107 @@ def _macs_per_position(module: nn.Module) -> int:
     raise TypeError(type(module).__name__)
 
 
-def capture_inputs(model: nn.Module, example_input: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
-    """Run ``model`` once in eval mode on ``example_input`` and return the input each named layer sees."""
-    captured: dict[str, Tensor] = {}
-    handles = []
+def capture_inputs(
+    model: nn.Module, example_input: Tensor | ModelCall | Sequence[ModelCall], names: Sequence[str]
+) -> dict[str, Tensor]:
+    """Run ``model`` in eval mode on ``example_input`` and return the input each named layer sees.
+
+    ``example_input`` is a batch of model inputs, or recorded calls (:class:`~lightning_cheapconv.calls.ModelCall`,
+    for models whose ``forward`` takes several or keyword arguments): each call runs once and each layer's inputs
+    are concatenated along the batch. Every module's mode is restored and no weight or BatchNorm statistic changes.
+
+    Raises:
+        ValueError: if a name is no submodule, ``example_input`` (a batch of model inputs) does not run through the
+            model (naming its shape), or a named layer is not called by the forward pass.
+    """
+    check_instance("model", model, nn.Module, owner="capture_inputs")
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise ValueError(f"capture_inputs: names must be a sequence of layer names, got {type(names).__name__}")
+    modules = {}
     for name in names:
-        module = model.get_submodule(name)
+        try:
+            modules[name] = model.get_submodule(name)
+        except (AttributeError, TypeError) as err:
+            raise ValueError(f"capture_inputs: names contains {name!r}, which is no submodule of the model") from err
+    calls = [example_input] if isinstance(example_input, Tensor) else as_calls(example_input)
+    captured: dict[str, list[Tensor]] = {}
+    handles = []
+    call_index = 0
 
-        def hook(_module: nn.Module, args: tuple, name: str = name) -> None:
-            captured.setdefault(name, args[0].detach())
+    def hook(_module: nn.Module, args: tuple, name: str) -> None:
+        seen = captured.setdefault(name, [])
+        if len(seen) == call_index:  # the layer's first call in this forward pass
+            seen.append(args[0].detach())
 
-        handles.append(module.register_forward_pre_hook(hook))
-    # Restore each module's own mode (a frozen BatchNorm in eval mode inside a training model stays so).
-    modes = [(module, module.training) for module in model.modules()]
     try:
-        model.eval()
-        with torch.no_grad():
-            model(example_input)
+        for name, module in modules.items():
+            handles.append(module.register_forward_pre_hook(functools.partial(hook, name=name)))
+        for call_index, call in enumerate(calls):  # noqa: B007 - read by hook
+            run_example(model, call, "capture_inputs: example_input")
     finally:
-        for module, training in modes:
-            module.training = training
         for handle in handles:
             handle.remove()
-    missing = [n for n in names if n not in captured]
+    missing = [n for n in names if len(captured.get(n, ())) < len(calls)]
     if missing:
         raise ValueError(f"calibration: layers {missing} were not called in the forward pass")
-    return captured
+    return {name: torch.cat(seen) if len(seen) > 1 else seen[0] for name, seen in captured.items()}
 
 
-def recalibrate_batchnorm(model: nn.Module, inputs: Tensor, batch_size: int = 64) -> int:
-    """Re-estimate every BatchNorm's running statistics from ``inputs`` (a batch of *model* inputs).
+def recalibrate_batchnorm(model: nn.Module, inputs: Tensor | Sequence[ModelCall], batch_size: int = 64) -> int:
+    """Re-estimate every BatchNorm's running statistics from ``inputs`` (a batch of *model* inputs, or recorded
+    calls of the model, :class:`~lightning_cheapconv.calls.ModelCall`, each run as one chunk).
 
     After a conversion the layers before each BatchNorm compute something slightly different, so
     the statistics it learned no longer standardize their outputs; this is what makes an inherited
     network usable before any fine-tuning. The statistics become the plain average over ``inputs``
-    (in chunks of ``batch_size``); every other module runs in eval mode (no dropout) and each
+    (in chunks of ``batch_size``, an int >= 1); every other module runs in eval mode (no dropout) and each
     module's own mode and momentum are restored afterwards. Returns the number of BatchNorms updated.
+
+    Raises:
+        ValueError: for NaN/inf ``inputs``, a bad ``batch_size``, or a chunk that does not run through the model
+            (naming its shape); the statistics are then left as they were.
 
     Example::
 
         >>> convert_to_ghost(model)
         >>> recalibrate_batchnorm(model, next(iter(train_loader))[0])
     """
+    check_instance("model", model, nn.Module, owner="recalibrate_batchnorm")
+    calls = as_calls(inputs) if not isinstance(inputs, Tensor) else []
+    for tensor in [inputs] if isinstance(inputs, Tensor) else [t for call in calls for t in call.tensors()]:
+        if tensor.is_floating_point():
+            check_finite_tensor("inputs", tensor, owner="recalibrate_batchnorm")
+    check_int("batch_size", batch_size, 1, owner="recalibrate_batchnorm")
+    return _recalibrate(model, inputs, batch_size, "recalibrate_batchnorm: inputs")
+
+
+def _recalibrate(model: nn.Module, inputs: Tensor | Sequence[ModelCall], batch_size: int, argument: str) -> int:
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    modes = [(module, module.training) for module in model.modules()]
-    momenta = [(norm, norm.momentum) for norm in norms]
+    saved = [(norm, norm.momentum, [b.clone() for b in norm.buffers(recurse=False)]) for norm in norms]
+    completed = False
     try:
-        model.eval()
-        for norm in norms:
-            norm.reset_running_stats()
-            norm.momentum = None  # cumulative average over the calibration chunks
-            norm.train()
-        with torch.no_grad():
-            for chunk in inputs.split(batch_size):
-                model(chunk)
+        with evaluating(model):
+            for norm in norms:
+                norm.reset_running_stats()
+                norm.momentum = None  # cumulative average over the calibration chunks
+                norm.train()
+            chunks = as_calls(list(inputs.split(batch_size))) if isinstance(inputs, Tensor) else as_calls(inputs)
+            for chunk in chunks:
+                try:
+                    chunk(model)
+                except Exception as err:
+                    shapes = [tuple(t.shape) for t in chunk.tensors()]
+                    raise ValueError(
+                        f"{argument}: a chunk with input shapes {shapes} does not run through "
+                        f"{type(model).__name__} with its BatchNorms estimating statistics: {type(err).__name__}: {err}"
+                    ) from err
+        completed = True
     finally:
-        for module, training in modes:
-            module.training = training
-        for norm, momentum in momenta:
+        for norm, momentum, buffers in saved:
             norm.momentum = momentum
+            if not completed:
+                for live, old in zip(norm.buffers(recurse=False), buffers, strict=True):
+                    live.copy_(old)
     return len(norms)
 
 
@@ -473,14 +569,19 @@ def _convert(
     method: str,
     plan: list[LayerPlan],
     build: Callable[[str, nn.Module], tuple[nn.Module, float | None, str]],
+    recalibration: Tensor | None,
+    owner: str,
 ) -> ConversionResult:
+    """Build every replacement, then swap them in, then re-estimate the BatchNorm statistics on ``recalibration``
+    (when given); if that fails, the old layers are swapped back, so the model is left as it was on every error."""
     params_before = _own_params(model)
     result = ConversionResult(method=method, plan=plan)
     new_modules: dict[str, nn.Module] = {}
+    old_modules: dict[str, nn.Module] = {}
     for entry in plan:
         if entry.action != "convert":
             continue
-        old = model.get_submodule(entry.name)
+        old = old_modules[entry.name] = model.get_submodule(entry.name)
         new, error, detail = build(entry.name, old)
         new.train(old.training)
         new_modules[entry.name] = new
@@ -500,14 +601,52 @@ def _convert(
         )
     # Everything was built and validated above; only now is the model touched.
     replace_modules(model, new_modules)
+    try:
+        if recalibration is not None:
+            _recalibrate(model, recalibration, 64, f"{owner}: calibration")
+    except BaseException:
+        replace_modules(model, old_modules)
+        raise
     result.params_before, result.params_after = params_before, _own_params(model)
     return result
 
 
-def _require_targets(plan: list[LayerPlan], method: str) -> None:
+def _check_plan(model: nn.Module, plan: object, owner: str) -> list[LayerPlan]:
+    """A plan given by the caller: a list of :class:`LayerPlan` whose layers to convert exist in ``model``."""
+    if not isinstance(plan, list) or not all(isinstance(p, LayerPlan) for p in plan):
+        raise ValueError(f"{owner}: plan must be a list of LayerPlan (from select_layers), got {short_repr(plan)}")
+    for entry in plan:
+        if entry.action == "convert":
+            try:
+                model.get_submodule(entry.name)
+            except (AttributeError, TypeError) as err:
+                raise ValueError(f"{owner}: plan converts {entry.name!r}, which is no submodule of the model") from err
+    return plan
+
+
+def _check_calibration(model: nn.Module, calibration: Tensor | None, owner: str) -> None:
+    """A calibration batch must be finite and run through the model, checked before anything changes."""
+    if calibration is not None:
+        check_finite_tensor("calibration", calibration, owner=owner)
+        run_example(model, calibration, f"{owner}: calibration")
+
+
+def _require_targets(
+    plan: list[LayerPlan], owner: str, include: tuple[str, ...] | None, exclude: tuple[str, ...] | None
+) -> None:
+    names = [alias for p in plan for alias in p.aliases]
+    unmatched = [pattern for pattern in include or () if not _matches(names, (pattern,))]
+    if unmatched:
+        shown = ", ".join(p.name for p in plan[:8]) + (", ..." if len(plan) > 8 else "")
+        raise ValueError(
+            f"{owner}: include pattern(s) {unmatched} match no candidate layer; patterns are globs on qualified "
+            f"layer names (candidates: {shown or 'none, the model has no Conv2d layers'})"
+        )
     if not any(p.action == "convert" for p in plan):
         reasons = "; ".join(f"{p.name}: {p.reason}" for p in plan) or "the model has no Conv2d layers"
-        raise ValueError(f"{method}: no layer matches the selection ({reasons})")
+        raise ValueError(
+            f"{owner}: no layer matches the selection (include={include!r}, exclude={exclude!r}): {reasons}"
+        )
 
 
 def convert_to_ghost(
@@ -530,8 +669,14 @@ def convert_to_ghost(
     module (kernel-space least squares, or on real activations when ``calibration`` — a batch of
     *model* inputs — is given). With ``calibration`` and ``recalibrate_bn`` the BatchNorm statistics
     are then re-estimated on it (:func:`recalibrate_batchnorm`): on a trained ResNet-20 (digits) that
-    took the accuracy right after conversion from 16% to 52% (random init: 11%). Atomic: if any
-    selected layer cannot be converted, the error names it and the model is unchanged.
+    took the accuracy right after conversion from 16% to 52% (random init: 11%). New parameters keep
+    the ``requires_grad`` of the layer they replace. Layers whose weights are used outside them are
+    skipped (see :func:`select_layers`).
+
+    Atomic: on any error the model is left exactly as it was. Raises ``ValueError`` naming the argument
+    (``ratio`` an int >= 2, ``dw_size`` an odd int >= 1, ``init`` ``"inherit"`` or ``"random"``, bools
+    as bools, ``include`` patterns that match no layer), the ``calibration`` batch (NaN/inf values, or a
+    shape the model cannot take), or the layer that cannot be converted (NaN/inf weights, say).
 
     Example::
 
@@ -540,15 +685,28 @@ def convert_to_ghost(
         >>> result.params_ratio > 1
         True
     """
-    if not isinstance(ratio, int) or isinstance(ratio, bool) or ratio < 2:
-        raise ValueError(f"convert_to_ghost: ratio={ratio!r} is out of range; valid range is an int >= 2")
-    if not isinstance(dw_size, int) or dw_size < 1 or dw_size % 2 == 0:
-        raise ValueError(f"convert_to_ghost: dw_size={dw_size!r} is out of range; valid values are odd ints >= 1")
-    if init not in ("inherit", "random"):
-        raise ValueError(f"convert_to_ghost: init={init!r}; valid values are 'inherit' and 'random'")
+    owner = "convert_to_ghost"
+    check_instance("model", model, nn.Module, owner=owner)
+    ratio, dw_size = check_ghost_sizes(ratio, dw_size, owner)
+    check_choice("init", init, ("inherit", "random"), owner=owner)
+    include_p = check_patterns("include", include, owner=owner)
+    exclude_p = check_patterns("exclude", exclude, owner=owner)
+    for flag, value in (("skip_first", skip_first), ("skip_last", skip_last), ("recalibrate_bn", recalibrate_bn)):
+        check_bool(flag, value, owner=owner)
+    _check_calibration(model, calibration, owner)
     if plan is None:
-        plan = select_layers(model, "ghost", include, exclude, skip_first, skip_last, ratio=ratio, dw_size=dw_size)
-    _require_targets(plan, "convert_to_ghost")
+        plan = select_layers(
+            model,
+            "ghost",
+            include,
+            exclude,
+            skip_first,
+            skip_last,
+            ratio=ratio,
+            dw_size=dw_size,
+            example_input=calibration,
+        )
+    _require_targets(_check_plan(model, plan, owner), owner, include_p, exclude_p)
     targets = [p.name for p in plan if p.action == "convert"]
     inputs = capture_inputs(model, calibration, targets) if calibration is not None and init == "inherit" else {}
 
@@ -556,10 +714,7 @@ def convert_to_ghost(
         new, error = ghost_from_conv(old, ratio, dw_size, init, inputs.get(name), name)
         return new, error, f"s={ratio}, d={dw_size}, init={init}"
 
-    result = _convert(model, "ghost", plan, build)
-    if calibration is not None and recalibrate_bn:
-        recalibrate_batchnorm(model, calibration)
-    return result
+    return _convert(model, "ghost", plan, build, calibration if recalibrate_bn else None, owner)
 
 
 def decompose_structured(
@@ -583,8 +738,14 @@ def decompose_structured(
     ``specs`` (qualified name -> :class:`StructureSpec`). Each change reports the relative
     projection residual ``‖W - PW‖/‖W‖`` (how far the weights moved; 0 if already structured).
     Given ``calibration`` (a batch of model inputs), the BatchNorm statistics are re-estimated on it
-    afterwards (:func:`recalibrate_batchnorm`). Atomic: on any invalid layer or spec the error
-    names it and the model is unchanged.
+    afterwards (:func:`recalibrate_batchnorm`). New parameters keep the ``requires_grad`` of the layer
+    they replace. Layers whose weights are used outside them are skipped (see :func:`select_layers`).
+
+    Atomic: on any error the model is left exactly as it was. Raises ``ValueError`` naming the argument
+    (``channel_ratio`` in (0, 1], ``kernel_reduction`` an int >= 0, ``kernel_size`` an int or pair >= 1,
+    bools as bools, ``include`` patterns that match no layer, ``specs`` for layers that are no targets),
+    the ``calibration`` batch (NaN/inf values, or a shape the model cannot take), or the layer that cannot
+    be converted (a spec out of range, NaN/inf weights).
 
     Example::
 
@@ -592,7 +753,19 @@ def decompose_structured(
         >>> result = decompose_structured(model, channel_ratio=0.5)
         >>> [c.error for c in result.changes][:2]     # projection residuals
     """
+    owner = "decompose_structured"
+    check_instance("model", model, nn.Module, owner=owner)
+    check_structure_ratios(channel_ratio, kernel_reduction, kernel_size, owner)
+    include_p = check_patterns("include", include, owner=owner)
+    exclude_p = check_patterns("exclude", exclude, owner=owner)
+    for flag, value in (("linear", linear), ("skip_first", skip_first), ("skip_last", skip_last)):
+        check_bool(flag, value, owner=owner)
+    if specs is not None and not (
+        isinstance(specs, dict) and all(isinstance(k, str) and isinstance(v, StructureSpec) for k, v in specs.items())
+    ):
+        raise ValueError(f"{owner}: specs must be a dict of layer name -> StructureSpec, got {short_repr(specs)}")
     specs = dict(specs or {})
+    _check_calibration(model, calibration, owner)
     if plan is None:
         plan = select_layers(
             model,
@@ -605,21 +778,19 @@ def decompose_structured(
             channel_ratio=channel_ratio,
             kernel_reduction=kernel_reduction,
             kernel_size=kernel_size,
+            example_input=calibration,
         )
-    _require_targets(plan, "decompose_structured")
+    _require_targets(_check_plan(model, plan, owner), owner, include_p, exclude_p)
     unknown = set(specs) - {p.name for p in plan}
     if unknown:
-        raise ValueError(f"decompose_structured: specs name layers that are not candidates: {sorted(unknown)}")
+        raise ValueError(f"{owner}: specs name layers that are not candidates: {sorted(unknown)}")
     skipped = [f"{p.name}: {p.reason}" for p in plan if p.action != "convert" and p.name in specs]
     if skipped:  # a spec would be silently ignored
-        raise ValueError(f"decompose_structured: specs name layers that the selection skips ({'; '.join(skipped)})")
+        raise ValueError(f"{owner}: specs name layers that the selection skips ({'; '.join(skipped)})")
 
     def build(name: str, old: nn.Module) -> tuple[nn.Module, float | None, str]:
         spec = specs.get(name) or structure_spec_for(old, channel_ratio, kernel_reduction, kernel_size, name)
         new, residual = structured_from_dense(old, spec, name)
         return new, residual, f"c={spec.channels}, n={spec.kernel_size}"
 
-    result = _convert(model, "structured", plan, build)
-    if calibration is not None:
-        recalibrate_batchnorm(model, calibration)
-    return result
+    return _convert(model, "structured", plan, build, calibration, owner)

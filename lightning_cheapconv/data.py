@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import numbers
 import os
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -125,18 +127,85 @@ class _TransformedSubset(Dataset):
         return self.transform(image), target
 
 
-class _CIFAR10Files(datasets.CIFAR10):
-    """torchvision's CIFAR10 reader, checking only that the extracted batch files exist.
+# What the CIFAR-10 python batches are made of: dicts, lists, strings, bytes and ints, and numpy arrays, which
+# pickle rebuilds by calling these three. Anything else a file asks for is refused before it can run.
+_NUMPY_RECONSTRUCT = np.ndarray.__reduce__(np.empty(0))[0]
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
 
-    torchvision verifies the MD5 of every batch file each time the data set is opened; the download path
-    (``CIFAR10DataModule.prepare_data`` with ``download=True``) still verifies the MD5 of the downloaded archive.
-    Opening the files without that check lets copies placed by hand (or small test fixtures in the same format)
-    load, and :meth:`CIFAR10DataModule._check_files` reports missing files by name.
+
+class _CIFARUnpickler(pickle.Unpickler):
+    """Unpickler that admits only numpy array reconstruction: a pickle payload (``os.system``, ``eval``, any other
+    callable) raises ``pickle.UnpicklingError`` instead of running."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = _CIFAR_GLOBALS.get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(
+                f"refers to {module}.{name}; a CIFAR-10 batch holds only dicts, lists, strings, numbers and numpy "
+                f"arrays, so nothing else is loaded (a pickle that calls functions can run arbitrary code)"
+            )
+        return found
+
+
+def _load_cifar_file(path: Path) -> dict[str, Any]:
+    """One CIFAR-10 python file (a pickled dict, Python 2 strings read as latin-1), read with :class:`_CIFARUnpickler`.
+
+    Raises:
+        ValueError: naming the file when it is not a pickled dict of the CIFAR-10 kinds of values.
+    """
+    try:
+        with open(path, "rb") as f:
+            entry = _CIFARUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as err:
+        raise ValueError(f"{path} is not a CIFAR-10 python batch: {type(err).__name__}: {err}") from err
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path} is not a CIFAR-10 python batch: it holds a {type(entry).__name__}, not a dict")
+    return entry
+
+
+def _cifar_batch(path: Path) -> tuple[np.ndarray, list[int]]:
+    """Images ``(N, 3072)`` uint8 and labels of one data batch, checked against the CIFAR-10 format."""
+    entry = _load_cifar_file(path)
+    data, labels = entry.get("data"), entry.get("labels", entry.get("fine_labels"))
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+        shown = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise ValueError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), got {shown}")
+    if not (isinstance(labels, list) and len(labels) == len(data) and all(isinstance(v, int) for v in labels)):
+        raise ValueError(f"{path}: 'labels' must be a list of {len(data)} ints")
+    return data, labels
+
+
+class _CIFAR10Files(datasets.CIFAR10):
+    """torchvision's CIFAR10 data set, read without executing anything the files might contain.
+
+    torchvision opens the batches with plain ``pickle.load`` (a crafted ``cifar-10-batches-py`` folder would run code)
+    and checks the MD5 of every file, which rejects copies placed by hand and small test fixtures in the same format.
+    Here every file goes through :class:`_CIFARUnpickler` instead and is checked for the CIFAR-10 layout; the
+    download path (``CIFAR10DataModule.prepare_data`` with ``download=True``) still verifies the archive's MD5, and
+    :meth:`CIFAR10DataModule._check_files` reports missing files by name.
     """
 
-    train_list = [[name, None] for name, _ in datasets.CIFAR10.train_list]
-    test_list = [[name, None] for name, _ in datasets.CIFAR10.test_list]
-    meta = {**datasets.CIFAR10.meta, "md5": None}
+    def __init__(self, root: str | os.PathLike, train: bool = True, transform: Any = None) -> None:
+        datasets.VisionDataset.__init__(self, root, transform=transform)
+        self.train = train
+        folder = Path(self.root) / self.base_folder
+        batches = [_cifar_batch(folder / name) for name, _ in (self.train_list if train else self.test_list)]
+        self.data = np.vstack([data for data, _ in batches]).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))
+        self.targets = [label for _, labels in batches for label in labels]
+        self._load_meta()
+
+    def _load_meta(self) -> None:
+        path = Path(self.root) / self.base_folder / self.meta["filename"]
+        classes = _load_cifar_file(path).get(self.meta["key"])
+        if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+            raise ValueError(f"{path}: {self.meta['key']!r} must be a list of class names")
+        self.classes = classes
+        self.class_to_idx = {name: i for i, name in enumerate(classes)}
 
 
 class CIFAR10DataModule(_ImageDataModule):

@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["GhostFit", "fit_ghost_from_kernels", "fit_ghost_from_activations", "assign_ghosts"]
+from .validation import check_finite_tensor, check_instance, check_int
+
+__all__ = ["GhostFit", "check_ghost_sizes", "fit_ghost_from_kernels", "fit_ghost_from_activations", "assign_ghosts"]
 
 
 @dataclass
@@ -38,6 +40,26 @@ class GhostFit:
     kernels: dict[int, Tensor]  # original filter index -> (d, d) depthwise kernel
     bias_shift: dict[int, float]  # original filter index -> bias of its ghost channel
     relative_error: float  # ‖fit - original‖ / ‖original‖ over all output channels
+
+
+def check_ghost_sizes(ratio: object, dw_size: object, owner: str | None = None) -> tuple[int, int]:
+    """The Ghost hyper-parameters as ints: ``ratio`` (s) an int >= 2, ``dw_size`` (d) an odd int >= 1.
+
+    Raises:
+        ValueError: naming the argument, its value and the valid range (prefixed by ``owner``).
+    """
+    return check_int("ratio", ratio, 2, owner=owner), check_int("dw_size", dw_size, 1, odd=True, owner=owner)
+
+
+def _check_conv(conv: object, name: str) -> nn.Conv2d:
+    """A plain dense conv with finite weights: what a Ghost module can inherit from."""
+    check_instance(name, conv, nn.Conv2d)
+    if conv.groups != 1:
+        raise ValueError(f"{name}: groups={conv.groups}; Ghost weight inheritance needs a dense conv (groups=1)")
+    check_finite_tensor(f"{name}.weight", conv.weight)
+    if conv.bias is not None:
+        check_finite_tensor(f"{name}.bias", conv.bias)
+    return conv
 
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
@@ -96,7 +118,16 @@ def assign_ghosts(errors: Tensor, ratio: int) -> tuple[list[int], dict[int, int]
     whose ``ratio - 1`` best partners fit best become intrinsics first and claim those partners;
     once ``m`` intrinsics exist, the remaining filters go to the best intrinsic with a free slot.
     Returns the intrinsic filters (in the order chosen) and ``ghost -> intrinsic filter``.
+
+    Raises:
+        ValueError: if ``errors`` is not a square matrix of finite values, or ``ratio`` is not an int >= 2.
     """
+    check_finite_tensor("assign_ghosts: errors", errors)
+    if errors.dim() != 2 or errors.shape[0] != errors.shape[1] or errors.shape[0] == 0:
+        raise ValueError(
+            f"assign_ghosts: errors must be a non-empty square (O, O) matrix, got shape {tuple(errors.shape)}"
+        )
+    check_int("ratio", ratio, 2, owner="assign_ghosts")
     count = errors.shape[0]
     slots = ratio - 1
     intrinsic_budget = -(-count // ratio)
@@ -146,8 +177,16 @@ def _finish(fits: _PairFits, ratio: int) -> GhostFit:
     )
 
 
-def fit_ghost_from_kernels(conv: nn.Conv2d, ratio: int, dw_size: int) -> GhostFit:
-    """Fit in kernel space (no data needed). Exact away from image borders when a perfect fit exists."""
+def fit_ghost_from_kernels(conv: nn.Conv2d, ratio: int, dw_size: int, name: str = "conv") -> GhostFit:
+    """Fit in kernel space (no data needed). Exact away from image borders when a perfect fit exists.
+
+    ``conv`` is a dense ``nn.Conv2d`` (``groups=1``); ``ratio`` (s) an int >= 2; ``dw_size`` (d) an odd int >= 1.
+
+    Raises:
+        ValueError: naming ``name`` (the layer) for a grouped conv or NaN/inf weights, or the bad argument.
+    """
+    check_ghost_sizes(ratio, dw_size, owner=name)
+    _check_conv(conv, name)
     weight = conv.weight.detach().float()
     out_channels = weight.shape[0]
     stride, dilation = _pair(conv.stride), _pair(conv.dilation)
@@ -184,22 +223,38 @@ def fit_ghost_from_kernels(conv: nn.Conv2d, ratio: int, dw_size: int) -> GhostFi
 
 
 def fit_ghost_from_activations(
-    conv: nn.Conv2d, inputs: Tensor, ratio: int, dw_size: int, max_positions: int = 16384
+    conv: nn.Conv2d, inputs: Tensor, ratio: int, dw_size: int, max_positions: int = 16384, name: str = "conv"
 ) -> GhostFit:
-    """Fit on the layer's real outputs for ``inputs`` (a calibration batch of the layer's *input*)."""
+    """Fit on the layer's real outputs for ``inputs`` (a calibration batch of the layer's *input*, ``(B, C, H, W)``).
+
+    The least squares run over at most ``max_positions`` output positions (batch x height x width), drawn with a
+    fixed seed when there are more. Positions are drawn before the ``d x d`` neighbourhoods are gathered, so memory
+    beyond the layer's output is ``O x d² x min(B·H·W, max_positions)`` floats, not ``d²`` times the output.
+
+    Raises:
+        ValueError: naming ``name`` (the layer) for a grouped conv, NaN/inf weights or inputs, inputs whose shape
+            the conv cannot take, or the bad argument.
+    """
+    check_ghost_sizes(ratio, dw_size, owner=name)
+    check_int("max_positions", max_positions, 1, owner=name)
+    _check_conv(conv, name)
+    check_finite_tensor(f"{name}: inputs", inputs)
+    if inputs.dim() != 4 or inputs.shape[1] != conv.in_channels:
+        raise ValueError(
+            f"{name}: inputs of shape {tuple(inputs.shape)} do not fit the conv; valid shapes are "
+            f"(B, {conv.in_channels}, H, W)"
+        )
     bias = conv.bias.detach().float() if conv.bias is not None else None
     with torch.no_grad():
         # With the bias: the cheap conv sees the biased intrinsic maps, zero-padded at the borders.
         outputs = conv._conv_forward(inputs.float(), conv.weight.float(), bias)
-    batch, channels, height, width = outputs.shape
-    half = dw_size // 2
-    patches = F.unfold(outputs, dw_size, padding=half)  # (B, O·d², H·W)
-    patches = patches.reshape(batch, channels, dw_size * dw_size, height * width).permute(1, 2, 0, 3)
-    patches = patches.reshape(channels, dw_size * dw_size, batch * height * width)
-    targets = outputs.permute(1, 0, 2, 3).reshape(channels, -1)
-    if targets.shape[1] > max_positions:
-        keep = torch.randperm(targets.shape[1], generator=torch.Generator().manual_seed(0))[:max_positions]
-        patches, targets = patches[:, :, keep], targets[:, keep]
+        batch, _, height, width = outputs.shape
+        positions = batch * height * width
+        if positions > max_positions:
+            keep = torch.randperm(positions, generator=torch.Generator().manual_seed(0))[:max_positions]
+        else:
+            keep = torch.arange(positions)
+        patches, targets = _neighbourhoods(outputs, keep.to(outputs.device), dw_size)
     if bias is not None:
         # A ghost channel has its own bias (the intercept): centre the targets and the features.
         patch_means, target_means = patches.mean(-1), targets.mean(-1)
@@ -216,3 +271,20 @@ def fit_ghost_from_activations(
             for g, s in fit.ghost_of.items()
         }
     return fit
+
+
+def _neighbourhoods(outputs: Tensor, keep: Tensor, dw_size: int) -> tuple[Tensor, Tensor]:
+    """The ``d x d`` zero-padded neighbourhoods ``(O, d², N)`` and the values ``(O, N)`` of ``outputs`` (B, O, H, W)
+    at the flat positions ``keep`` (index ``b·H·W + y·W + x``): what ``F.unfold(outputs, d, padding=d // 2)`` holds
+    at those positions, in the same tap order, without unfolding the whole map."""
+    _, channels, height, width = outputs.shape
+    b, rest = keep // (height * width), keep % (height * width)
+    y, x = rest // width, rest % width
+    half = dw_size // 2
+    patches = outputs.new_empty(channels, dw_size * dw_size, len(keep))
+    for tap in range(dw_size * dw_size):
+        ty, tx = y + tap // dw_size - half, x + tap % dw_size - half
+        values = outputs[b, :, ty.clamp(0, height - 1), tx.clamp(0, width - 1)]  # (N, O)
+        values[(ty < 0) | (ty >= height) | (tx < 0) | (tx >= width)] = 0.0
+        patches[:, tap] = values.T
+    return patches, outputs[b, :, y, x].T.contiguous()

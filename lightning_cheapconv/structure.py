@@ -18,12 +18,15 @@ Example::
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 from torch import Tensor
+
+from .validation import check_finite_number, check_instance, check_int, check_int_pair
 
 __all__ = [
     "StructureSpec",
@@ -35,6 +38,7 @@ __all__ = [
     "from_alpha",
     "structural_residual",
     "spec_from_ratios",
+    "check_structure_ratios",
     "random_residual",
 ]
 
@@ -85,29 +89,40 @@ class StructureSpec:
                 raise ValueError(f"{layer}: structured {what}={value} is out of range; valid range is 1..{limit}")
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    value = tuple(value)
-    if len(value) != 2:
-        raise ValueError(f"expected an int or a pair, got {value!r}")
-    return (int(value[0]), int(value[1]))
+    """A spec's kernel size: an int or a pair of ints (range checks are :meth:`StructureSpec.validate`'s)."""
+    if _is_int(value):
+        return (int(value), int(value))
+    pair = tuple(value) if isinstance(value, Sequence) else ()
+    if len(pair) != 2 or not all(_is_int(v) for v in pair):
+        raise ValueError(f"kernel_size={value!r}: expected an int or a pair of ints")
+    return (int(pair[0]), int(pair[1]))
 
 
 def _kernel_dims(shape: Sequence[int]) -> tuple[int, int, int]:
-    """``(C, N_h, N_w)`` from a per-output kernel shape of 1 (Linear) or 3 (Conv2d) dims."""
-    shape = tuple(shape)
-    if len(shape) == 1:
-        return (shape[0], 1, 1)
-    if len(shape) == 3:
-        return shape  # type: ignore[return-value]
-    raise ValueError(f"expected a kernel shape (C,) or (C, N_h, N_w), got {shape}")
+    """``(C, N_h, N_w)`` from a per-output kernel shape of 1 (Linear) or 3 (Conv2d) dims of positive ints."""
+    shape = tuple(shape) if isinstance(shape, Sequence) else (shape,)
+    if len(shape) in (1, 3) and all(_is_int(d) and d >= 1 for d in shape):
+        return (int(shape[0]), 1, 1) if len(shape) == 1 else tuple(int(d) for d in shape)  # type: ignore[return-value]
+    raise ValueError(f"expected a kernel shape (C,) or (C, N_h, N_w) of positive ints, got {shape}")
+
+
+def _check_sizes(big: object, small: object) -> None:
+    if not (_is_int(big) and _is_int(small) and 1 <= small <= big):
+        raise ValueError(f"composite basis needs ints 1 <= small <= big, got small={small!r}, big={big!r}")
 
 
 def composite_basis(big: int, small: int) -> Tensor:
-    """``A_L`` of shape ``(big, small)`` in float64: column ``j`` has ones at rows ``j .. j + big - small``."""
-    if not 1 <= small <= big:
-        raise ValueError(f"composite basis needs 1 <= small <= big, got small={small}, big={big}")
+    """``A_L`` of shape ``(big, small)`` in float64: column ``j`` has ones at rows ``j .. j + big - small``.
+
+    Raises:
+        ValueError: unless ``big`` and ``small`` are ints with ``1 <= small <= big``.
+    """
+    _check_sizes(big, small)
     rows = torch.arange(big).unsqueeze(1)
     cols = torch.arange(small).unsqueeze(0)
     return ((rows >= cols) & (rows <= cols + big - small)).to(torch.float64)
@@ -139,12 +154,14 @@ def _factor(kind: str, big: int, small: int, like: Tensor) -> Tensor:
 
 
 def basis_pinv(big: int, small: int) -> Tensor:
-    """``A_L⁺`` of shape ``(small, big)`` in float64."""
+    """``A_L⁺`` of shape ``(small, big)`` in float64 (``ValueError`` unless ints ``1 <= small <= big``)."""
+    _check_sizes(big, small)
     return _pinv_cpu64(big, small).clone()
 
 
 def projector(big: int, small: int) -> Tensor:
-    """``P_L = A_L A_L⁺`` of shape ``(big, big)`` in float64."""
+    """``P_L = A_L A_L⁺`` of shape ``(big, big)`` in float64 (``ValueError`` unless ints ``1 <= small <= big``)."""
+    _check_sizes(big, small)
     return _projector_cpu64(big, small).clone()
 
 
@@ -159,6 +176,7 @@ def _mode_products(weight: Tensor, factors: tuple[Tensor, Tensor, Tensor]) -> Te
 
 
 def _as_4d(weight: Tensor) -> Tensor:
+    check_instance("weight", weight, Tensor)
     if weight.dim() == 2:
         return weight[:, :, None, None]
     if weight.dim() == 4:
@@ -174,7 +192,7 @@ def project(weight: Tensor, spec: StructureSpec) -> Tensor:
     """
     w4 = _as_4d(weight)
     _, big_c, big_h, big_w = w4.shape
-    spec.validate((big_c, big_h, big_w))
+    check_instance("spec", spec, StructureSpec).validate((big_c, big_h, big_w))
     n_h, n_w = spec.kernel_size
     factors = (
         _factor("projector", big_c, spec.channels, w4),
@@ -188,7 +206,7 @@ def to_alpha(weight: Tensor, spec: StructureSpec) -> Tensor:
     """``alpha = A⁺ W`` of shape ``(O, c, n_h, n_w)`` (or ``(O, c)`` for a Linear weight)."""
     w4 = _as_4d(weight)
     _, big_c, big_h, big_w = w4.shape
-    spec.validate((big_c, big_h, big_w))
+    check_instance("spec", spec, StructureSpec).validate((big_c, big_h, big_w))
     n_h, n_w = spec.kernel_size
     factors = (
         _factor("pinv", big_c, spec.channels, w4),
@@ -216,8 +234,10 @@ def from_alpha(alpha: Tensor, dense_shape: Sequence[int]) -> Tensor:
 def structural_residual(weight: Tensor, spec: StructureSpec, eps: float = 1e-12) -> Tensor:
     """``‖(I - P) W‖_F / ‖W‖_F``: 0 for a structured kernel, about ``sqrt(1 - c·n²/(C·N²))`` for a random one.
 
-    Differentiable; a scalar in float32 (float64 for float64 weights).
+    Differentiable; a scalar in float32 (float64 for float64 weights). ``eps`` (> 0) bounds the denominator.
     """
+    check_finite_number("eps", eps, 0, exclusive_minimum=True, owner="structural_residual")
+    check_instance("weight", weight, Tensor, owner="structural_residual")
     compute = weight if weight.dtype == torch.float64 else weight.float()
     moved = compute - project(compute, spec)
     return moved.norm() / compute.norm().clamp_min(eps)
@@ -226,7 +246,25 @@ def structural_residual(weight: Tensor, spec: StructureSpec, eps: float = 1e-12)
 def random_residual(dense_shape: Sequence[int], spec: StructureSpec) -> float:
     """Expected residual of an i.i.d. random kernel: ``sqrt(1 - c·n_h·n_w / (C·N_h·N_w))``."""
     big_c, big_h, big_w = _kernel_dims(dense_shape)
+    check_instance("spec", spec, StructureSpec, owner="random_residual").validate((big_c, big_h, big_w))
     return math.sqrt(1.0 - spec.num_weights / (big_c * big_h * big_w))
+
+
+def check_structure_ratios(
+    channel_ratio: object, kernel_reduction: object, kernel_size: object, owner: str | None = None
+) -> tuple[float, int | None, tuple[int, int] | None]:
+    """The ratios of :func:`spec_from_ratios`, checked: ``channel_ratio`` in ``(0, 1]``; ``kernel_size`` ``None`` or an
+    int or pair of ints >= 1; ``kernel_reduction`` an int >= 0 (``None`` allowed only with a ``kernel_size``).
+
+    Raises:
+        ValueError: naming the argument, its value and the valid range (prefixed by ``owner``).
+    """
+    ratio = check_finite_number("channel_ratio", channel_ratio, 0, 1, exclusive_minimum=True, owner=owner)
+    size = None if kernel_size is None else check_int_pair("kernel_size", kernel_size, 1, owner=owner)
+    reduction = None
+    if kernel_reduction is not None or size is None:
+        reduction = check_int("kernel_reduction", kernel_reduction, 0, owner=owner)
+    return ratio, reduction, size
 
 
 def spec_from_ratios(
@@ -239,23 +277,20 @@ def spec_from_ratios(
     """Pick hidden sizes from ratios: ``c = round(C · channel_ratio)`` (at least 1), ``n = N - kernel_reduction``
     (at least 1), or an explicit ``kernel_size`` (clamped to the layer's kernel, so 1x1 layers keep 1x1).
 
+    Raises:
+        ValueError: naming ``layer`` and the argument out of range (see :func:`check_structure_ratios`).
+
     Example::
 
         >>> spec_from_ratios((64, 3, 3), channel_ratio=0.5)
         StructureSpec(channels=32, kernel_size=(2, 2))
     """
     big_c, big_h, big_w = _kernel_dims(dense_shape)
-    if not (isinstance(channel_ratio, (int, float)) and 0.0 < channel_ratio <= 1.0):
-        raise ValueError(f"{layer}: channel_ratio={channel_ratio!r} is out of range; valid range is (0, 1]")
+    channel_ratio, kernel_reduction, size = check_structure_ratios(channel_ratio, kernel_reduction, kernel_size, layer)
     channels = min(big_c, max(1, round(big_c * channel_ratio)))
-    if kernel_size is not None:
-        n_h, n_w = _pair(kernel_size)
-        if n_h < 1 or n_w < 1:
-            raise ValueError(f"{layer}: kernel_size={kernel_size!r} is out of range; each side must be >= 1")
-        n_h, n_w = min(n_h, big_h), min(n_w, big_w)
+    if size is not None:
+        n_h, n_w = min(size[0], big_h), min(size[1], big_w)
     else:
-        if kernel_reduction is None or kernel_reduction < 0:
-            raise ValueError(f"{layer}: kernel_reduction={kernel_reduction!r} is out of range; valid range is >= 0")
         n_h, n_w = max(1, big_h - kernel_reduction), max(1, big_w - kernel_reduction)
     spec = StructureSpec(channels=channels, kernel_size=(n_h, n_w))
     spec.validate((big_c, big_h, big_w), layer=layer)

@@ -133,3 +133,146 @@ def run_script(name: str, *args: str, timeout: float) -> subprocess.CompletedPro
         env.pop(variable, None)  # Lightning picks a free port itself
     command = [sys.executable, str(here / "scripts" / name), *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------- a user's project
+# A LightningModule and a LightningDataModule written without knowledge of this plugin, for either Lightning package
+# (``pytorch_lightning`` or ``lightning.pytorch``): used by tests/test_lightning_projects.py,
+# tests/test_lightning_setups.py and tests/scripts/ddp_project.py.
+
+USER_TARGETS = ("backbone.body.0.0", "backbone.body.1.0", "backbone.body.2.0")  # the stem stays (skip_first)
+
+
+def user_images(n: int = 32, size: int = 8, classes: int = 4, seed: int = 0) -> torch.utils.data.TensorDataset:
+    """``n`` fixed random images with labels (a seeded generator: every run sees the same data)."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, size, size, generator=generator)
+    labels = torch.randint(0, classes, (n,), generator=generator)
+    return torch.utils.data.TensorDataset(images, labels)
+
+
+def _user_block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+_USER_PROJECTS: dict[str, Any] = {}
+
+
+def user_project(namespace: str) -> Any:
+    """``UserModel`` and ``UserDataModule`` subclassing ``namespace``'s own ``LightningModule`` and
+    ``LightningDataModule`` (one pair of classes per package, built once)."""
+    if namespace in _USER_PROJECTS:
+        return _USER_PROJECTS[namespace]
+    import importlib
+    from types import SimpleNamespace
+
+    from torchmetrics.classification import MulticlassAccuracy
+
+    lp = importlib.import_module(namespace)
+
+    class UserModel(lp.LightningModule):
+        """Backbone in a ModuleDict, a Linear head, a torchmetrics accuracy, SGD with momentum and a per-step
+        OneCycleLR sized by ``estimated_stepping_batches``. ``params="trainable"`` hands the optimizer only the
+        parameters that require gradients (as Lightning's fine-tuning docs advise), ``"all"`` every parameter."""
+
+        def __init__(
+            self,
+            num_classes: int = 4,
+            width: int = 8,
+            lr: float = 0.05,
+            scheduler: str = "onecycle",
+            params: str = "trainable",
+            seed: int = 0,
+        ) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            torch.manual_seed(seed)
+            self.backbone = nn.ModuleDict(
+                {
+                    "stem": _user_block(3, width),
+                    "body": nn.Sequential(
+                        _user_block(width, width), _user_block(width, 2 * width, 2), _user_block(2 * width, 2 * width)
+                    ),
+                }
+            )
+            self.head = nn.Linear(2 * width, num_classes)
+            self.val_acc = MulticlassAccuracy(num_classes=num_classes)
+            self.test_acc = MulticlassAccuracy(num_classes=num_classes)
+            self.lr, self.scheduler, self.params = lr, scheduler, params
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.backbone["body"](self.backbone["stem"](x))
+            return self.head(x.mean((2, 3)))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            loss = F.cross_entropy(self(x), y)
+            self.log("train_loss", loss)
+            return loss
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            x, y = batch
+            logits = self(x)
+            self.val_acc(logits, y)
+            self.log("val_loss", F.cross_entropy(logits, y), sync_dist=True)
+            self.log("val_acc", self.val_acc)
+
+        def test_step(self, batch: Any, batch_idx: int) -> None:
+            x, y = batch
+            self.test_acc(self(x), y)
+            self.log("test_acc", self.test_acc)
+
+        def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+            return self(batch[0])
+
+        def configure_optimizers(self) -> Any:
+            params = [p for p in self.parameters() if p.requires_grad or self.params == "all"]
+            opt = torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=1e-4)
+            if self.scheduler != "onecycle":
+                return opt
+            total = int(self.trainer.estimated_stepping_batches)
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=total)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    class UserDataModule(lp.LightningDataModule):
+        """``n`` training images and 16 validation/test images of ``size`` x ``size``, in a fixed order."""
+
+        def __init__(self, batch_size: int = 8, n: int = 32, size: int = 8) -> None:
+            super().__init__()
+            self.batch_size, self.n, self.size = batch_size, n, size
+
+        def setup(self, stage: str) -> None:
+            self.train_set = user_images(self.n, self.size, seed=0)
+            self.val_set = user_images(16, self.size, seed=1)
+
+        def train_dataloader(self) -> torch.utils.data.DataLoader:
+            return torch.utils.data.DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False)
+
+        def val_dataloader(self) -> torch.utils.data.DataLoader:
+            return torch.utils.data.DataLoader(self.val_set, batch_size=self.batch_size)
+
+        def test_dataloader(self) -> torch.utils.data.DataLoader:
+            return torch.utils.data.DataLoader(self.val_set, batch_size=self.batch_size)
+
+        def predict_dataloader(self) -> torch.utils.data.DataLoader:
+            return torch.utils.data.DataLoader(self.val_set, batch_size=self.batch_size)
+
+    project = SimpleNamespace(lp=lp, Model=UserModel, DataModule=UserDataModule)
+    _USER_PROJECTS[namespace] = project
+    return project
+
+
+def user_trainer(lp: Any, **kwargs: Any) -> Any:
+    """``lp.Trainer`` (``lp``: the ``pytorch_lightning`` or ``lightning.pytorch`` module) on one CPU, quiet, no
+    logger, checkpoints or sanity check, 3 epochs; ``kwargs`` override or add Trainer arguments."""
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_epochs": 3,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
+    return lp.Trainer(**{**options, **kwargs})

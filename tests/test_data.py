@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
+import shlex
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -184,6 +187,46 @@ def test_cifar_missing_data_error_names_the_path(tmp_path: Path) -> None:
 def test_cifar_missing_one_file_is_named(cifar_root: Path) -> None:
     (cifar_root / "cifar-10-batches-py" / "data_batch_3").unlink()
     with pytest.raises(FileNotFoundError, match="data_batch_3"):
+        CIFAR10DataModule(cifar_root, num_workers=0).setup("fit")
+
+
+class _Payload:
+    """Pickles as a call of ``os.system`` that creates ``marker``: what a malicious batch file would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return os.system, (shlex.join([sys.executable, "-c", f"open({str(self.marker)!r}, 'w').close()"]),)
+
+
+@pytest.mark.parametrize("target", ["data_batch_2", "test_batch", "batches.meta"])
+def test_cifar_pickle_payload_is_refused_without_running(cifar_root: Path, tmp_path: Path, target: str) -> None:
+    live = tmp_path / "live"
+    pickle.loads(pickle.dumps(_Payload(live)))  # the payload is real: a plain unpickler runs it
+    assert live.exists()
+
+    marker = tmp_path / "marker"
+    folder = cifar_root / "cifar-10-batches-py"
+    _dump_py2({b"data": _Payload(marker), b"labels": [0]}, folder / target)
+    dm = CIFAR10DataModule(cifar_root, batch_size=4, num_workers=0)
+    dm.prepare_data()  # only checks that the files are there
+    with pytest.raises(ValueError, match=rf"{target} is not a CIFAR-10 python batch: .*refers to (posix|nt)\.system"):
+        dm.setup()
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "entry,match",
+    [
+        ([1, 2], "holds a list, not a dict"),
+        ({b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}, r"'data' must be a uint8 array.*float32"),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}, "'labels' must be a list of 2 ints"),
+    ],
+)
+def test_cifar_wrong_contents_are_named(cifar_root: Path, entry: object, match: str) -> None:
+    _dump_py2(entry, cifar_root / "cifar-10-batches-py" / "data_batch_1")
+    with pytest.raises(ValueError, match=rf"data_batch_1.*{match}"):
         CIFAR10DataModule(cifar_root, num_workers=0).setup("fit")
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +15,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lightning_cheapconv.convert import capture_inputs, convert_to_ghost, ghost_from_conv
-from lightning_cheapconv.inherit import assign_ghosts, fit_ghost_from_activations, fit_ghost_from_kernels
+from lightning_cheapconv.inherit import (
+    _finish,
+    _PairFits,
+    assign_ghosts,
+    fit_ghost_from_activations,
+    fit_ghost_from_kernels,
+)
 from lightning_cheapconv.nn import GhostConv2d
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -357,3 +365,99 @@ def test_inherited_network_accuracy_is_far_above_random(trained_digits):
     assert accuracies["conv 7 only", "inherit/activation"] > accuracies["conv 7 only", "random"] + 0.3
     every = "every conv but the first"
     assert accuracies[every, "inherit/activation"] > accuracies[every, "random"] + 0.1
+
+
+# ----------------------------------------------------------------------------- activation fit: memory, arguments
+
+
+def _unfold_reference(conv: nn.Conv2d, inputs: torch.Tensor, dw_size: int, max_positions: int):
+    """The centred least-squares terms as the activation fit first computed them: unfold the whole output map
+    (``d²`` times the output, plus a permuted copy), then subsample positions."""
+    with torch.no_grad():
+        outputs = conv(inputs)
+    batch, channels, height, width = outputs.shape
+    patches = F.unfold(outputs, dw_size, padding=dw_size // 2)
+    patches = patches.reshape(batch, channels, dw_size * dw_size, height * width).permute(1, 2, 0, 3)
+    patches = patches.reshape(channels, dw_size * dw_size, batch * height * width)
+    targets = outputs.permute(1, 0, 2, 3).reshape(channels, -1)
+    if targets.shape[1] > max_positions:
+        keep = torch.randperm(targets.shape[1], generator=torch.Generator().manual_seed(0))[:max_positions]
+        patches, targets = patches[:, :, keep], targets[:, keep]
+    return patches, targets
+
+
+@pytest.mark.parametrize(
+    "shape,dw_size,max_positions",
+    [((3, 5, 9, 7), 3, 16384), ((2, 5, 6, 6), 5, 16384), ((4, 5, 20, 20), 3, 500), ((1, 5, 1, 1), 3, 16384)],
+    ids=["3x3", "5x5", "subsampled", "1-pixel"],
+)
+@pytest.mark.parametrize("bias", [False, True])
+def test_activation_fit_gathers_exactly_what_unfolding_gave(shape, dw_size, max_positions, bias):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 12, 3, padding=1, bias=bias)
+    x = torch.randn(shape)
+    patches, targets = _unfold_reference(conv, x, dw_size, max_positions)
+    fit = fit_ghost_from_activations(conv, x, 3, dw_size, max_positions)
+    # The same least squares from the reference terms: the fit must be bit-identical.
+    centred = (patches - patches.mean(-1, keepdim=True), targets - targets.mean(-1, keepdim=True)) if bias else None
+    p, t = centred or (patches, targets)
+    expected = _finish(_PairFits(p @ p.transpose(1, 2), torch.einsum("iqn,on->ioq", p, t), t.pow(2).sum(1), dw_size), 3)
+    assert torch.equal(fit.intrinsics, expected.intrinsics) and fit.ghost_of == expected.ghost_of
+    assert all(torch.equal(fit.kernels[g], expected.kernels[g]) for g in expected.kernels)
+    assert fit.relative_error == expected.relative_error
+
+
+_PEAK_SCRIPT = """
+import resource, sys, torch
+from torch import nn
+from lightning_cheapconv.inherit import fit_ghost_from_activations
+torch.set_num_threads(1)
+conv, x = nn.Conv2d(16, 64, 3, padding=1), torch.randn(8, 16, 128, 128)
+fit_ghost_from_activations(conv, x[:1, :, :8, :8], 2, 3)  # load kernels and libraries first
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+fit_ghost_from_activations(conv, x, 2, 3, max_positions=4096)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is in KiB on Linux only")
+def test_activation_fit_peak_memory_is_bounded_by_the_output_not_its_unfolding():
+    output_bytes = 8 * 64 * 128 * 128 * 4  # 33.6 MB; unfolding it took 9x that, twice (~19x with the targets)
+    done = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT], capture_output=True, text=True, check=True)
+    growth = int(done.stdout.split()[-1])
+    # The output itself, its (O, d², 4096) neighbourhoods (9.4 MB), the conv's workspace and small terms: measured
+    # 2.4x the output (81 MB) on torch 2.14 CPU, against ~19x (640 MB) when the whole map was unfolded.
+    assert growth < 4 * output_bytes, f"peak grew by {growth / 1e6:.0f} MB for a {output_bytes / 1e6:.0f} MB output"
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda c: fit_ghost_from_kernels(c, 1, 3, name="c1"), "c1: ratio=1 is out of range"),
+        (lambda c: fit_ghost_from_kernels(c, 2, 4, name="c1"), r"c1: dw_size=4 is out of range; .*odd"),
+        (lambda c: fit_ghost_from_kernels(nn.Linear(2, 2), 2, 3), "conv must be a Conv2d, got Linear"),
+        (lambda c: fit_ghost_from_kernels(nn.Conv2d(4, 8, 3, groups=2), 2, 3), "groups=2; Ghost weight inheritance"),
+        (lambda c: fit_ghost_from_activations(c, torch.randn(2, 3, 6, 6), 2, 3, name="c1"), r"c1: inputs of shape"),
+        (lambda c: fit_ghost_from_activations(c, torch.randn(4, 6, 6), 2, 3, name="c1"), r"\(B, 4, H, W\)"),
+        (lambda c: fit_ghost_from_activations(c, torch.randn(2, 4, 6, 6), 2, 3, 0), "max_positions=0 is out of range"),
+        (
+            lambda c: fit_ghost_from_activations(c, torch.full((2, 4, 6, 6), float("nan")), 2, 3, name="c1"),
+            r"c1: inputs \(shape \(2, 4, 6, 6\)\) has 288 non-finite",
+        ),
+        (lambda c: assign_ghosts(torch.rand(4, 3), 2), r"errors must be a non-empty square \(O, O\) matrix"),
+        (lambda c: assign_ghosts(torch.full((4, 4), float("nan")), 2), "errors .* non-finite"),
+        (lambda c: assign_ghosts(torch.rand(4, 4), 1.5), "assign_ghosts: ratio=1.5 is out of range"),
+    ],
+)
+def test_fit_arguments_are_checked(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(nn.Conv2d(4, 8, 3, padding=1))
+
+
+@pytest.mark.parametrize("calibrate", [False, True])
+def test_non_finite_weights_are_refused_by_name_instead_of_failing_inside_the_fit(calibrate):
+    conv = nn.Conv2d(4, 8, 3, padding=1)
+    with torch.no_grad():
+        conv.weight[2, 1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"layer3\.conv1\.weight \(shape \(8, 4, 3, 3\)\) has 1 non-finite"):
+        ghost_from_conv(conv, calibration_input=torch.randn(2, 4, 6, 6) if calibrate else None, name="layer3.conv1")

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 from torch import Tensor, nn
 
-from .._lightning import LightningModule, MisconfigurationException, Trainer, rank_zero_info, rank_zero_warn
+from .._lightning import LightningModule, MisconfigurationException, Trainer, rank_zero_info
 from ..convert import LayerPlan, capture_inputs, ghost_from_conv, recalibrate_batchnorm, replace_modules, select_layers
 from ..nn import GhostConv2d
+from ..validation import check_choice, check_int
 from .base import CheapConvCallback, Patterns
-from .schedule import Order
-from .surgery import broadcast_module, check_strategy, rewrap, swap_in_optimizers
-from .tracking import first_tensor
+from .schedule import Order, schedule_window
+from .surgery import broadcast_module, check_strategy, follow_in_averaged_copies, rewrap, swap_in_optimizers
 
 __all__ = ["GhostConvCallback"]
 
@@ -69,6 +68,7 @@ class GhostConvCallback(CheapConvCallback):
     """
 
     method = "ghost"
+    cheap_types = (GhostConv2d,)
 
     def __init__(
         self,
@@ -78,37 +78,29 @@ class GhostConvCallback(CheapConvCallback):
         dw_size: int = 3,
         init: Literal["inherit", "random"] = "inherit",
         calibration_batches: int = 0,
-        start_epoch: int = 0,
+        start_epoch: int | None = None,
         end_epoch: int | None = None,
         stages: int = 1,
         order: Order = "deep_first",
         skip_first: bool = True,
         skip_last: bool = True,
         verbose: int = 1,
+        start_step: int | None = None,
+        end_step: int | None = None,
     ) -> None:
         super().__init__(include, exclude, skip_first, skip_last, order, verbose)
-        if not isinstance(ratio, int) or isinstance(ratio, bool) or ratio < 2:
-            raise MisconfigurationException(f"ratio={ratio!r} is out of range; valid range is an int >= 2")
-        if not isinstance(dw_size, int) or isinstance(dw_size, bool) or dw_size < 1 or dw_size % 2 == 0:
-            raise MisconfigurationException(f"dw_size={dw_size!r} is out of range; valid values are odd ints >= 1")
-        if init not in ("inherit", "random"):
-            raise MisconfigurationException(f"init={init!r}; valid values are 'inherit' and 'random'")
-        for name, value in (("calibration_batches", calibration_batches), ("start_epoch", start_epoch)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise MisconfigurationException(f"{name}={value!r} is out of range; valid range is an int >= 0")
-        if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1:
-            raise MisconfigurationException(f"stages={stages!r} is out of range; valid range is an int >= 1")
-        if end_epoch is None:
-            end_epoch = start_epoch + stages - 1
-        if not isinstance(end_epoch, int) or isinstance(end_epoch, bool) or end_epoch < start_epoch:
-            raise MisconfigurationException(
-                f"end_epoch={end_epoch!r} is out of range; valid range is an int >= start_epoch={start_epoch}"
-            )
-        self.ratio, self.dw_size, self.init = ratio, dw_size, init
-        self.calibration_batches = calibration_batches
-        self.start_epoch, self.end_epoch, self.stages = start_epoch, end_epoch, stages
+        who, error = type(self).__name__, MisconfigurationException
+        self.ratio = check_int("ratio", ratio, 2, owner=who, error=error)
+        self.dw_size = check_int("dw_size", dw_size, 1, odd=True, owner=who, error=error)
+        self.init = check_choice("init", init, ("inherit", "random"), owner=who, error=error)
+        self.calibration_batches = check_int("calibration_batches", calibration_batches, 0, owner=who, error=error)
+        self.stages = check_int("stages", stages, 1, owner=who, error=error)
+        self.unit, start, end = schedule_window(who, "", start_epoch, end_epoch, start_step, end_step)
+        self.start = start if start is not None else 0
+        self.end = end if end is not None else self.start + self.stages - 1
+        self.start_epoch, self.end_epoch = start_epoch, end_epoch
+        self.start_step, self.end_step = start_step, end_step
         self.fit_errors: dict[str, float | None] = {}
-        self._calibration: list[Tensor] = []
         self._pending: list[str] = []
 
     # -- selection ------------------------------------------------------------------------------
@@ -122,59 +114,58 @@ class GhostConvCallback(CheapConvCallback):
             self.skip_last,
             ratio=self.ratio,
             dw_size=self.dw_size,
+            example_input=self._example_input_array(pl_module),
         )
 
     def _make_cheap_twin(self, name: str, layer: nn.Module) -> nn.Module:
         return ghost_from_conv(layer, self.ratio, self.dw_size, "random", name=name)[0]
 
-    def _cheap_layers(self) -> set[str]:
-        return set(self.fit_errors)
+    def _calibration_wanted(self) -> int:
+        return self.calibration_batches if self._pending else 0
 
     # -- setup and schedule -----------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
+            self._remember_forms(pl_module)
             return
-        self._setup_plan(pl_module)
-        self._build_schedule(self.start_epoch, self.end_epoch, self.stages)
+        self._setup_plan(trainer, pl_module)
+        self.fit_errors = {n: None for n in self.done}
+        self._pending = []
+        if not self.todo:
+            return
+        self._build_schedule(self.start, self.end, self.stages)
         assert self.schedule is not None
         mid_fit = self.schedule.last_epoch > 0 or self.calibration_batches > 0
         check_strategy(trainer, type(self).__name__, changes_mid_fit=mid_fit)
-        max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
-        if max_epochs is not None and self.schedule.last_epoch >= max_epochs:
-            stages = zip(self.schedule.epochs, self.schedule.groups, strict=True)
-            late = [name for epoch, group in stages if epoch >= max_epochs for name in group]
-            rank_zero_warn(
-                f"GhostConvCallback: stage epochs {list(self.schedule.epochs)} are not all before "
-                f"max_epochs={max_epochs}; {len(late)} layer(s) will stay dense: {', '.join(late)}."
-            )
-        self.fit_errors = {}
-        self._calibration, self._pending = [], []
         if self.schedule.epochs[0] == 0 and self.calibration_batches == 0:
             # Before DDP wrapping and configure_optimizers: plain module surgery, any strategy.
             self._convert(trainer, pl_module, list(self.schedule.due_at(0)), "setup", mid_fit=False)
 
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._warn_unreachable(trainer, "will stay dense")
+
+    def _due(self, trainer: Trainer, pl_module: LightningModule) -> list[str]:
         assert self.schedule is not None
         current = set(self._live_ghosts(pl_module))
         self.fit_errors.update({n: self.fit_errors.get(n) for n in current})  # restored from a checkpoint
-        self._pending = [n for n in self.schedule.due_by(trainer.current_epoch) if n not in current]
-        self._calibration = []
+        return [n for n in self.schedule.due_by(self._now(trainer)) if n not in current and n in self.todo]
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.schedule is None or self.unit != "epoch":
+            return
+        self._pending, self._calls = self._due(trainer, pl_module), []
         if self._pending and self.calibration_batches == 0:
             self._convert(trainer, pl_module, self._pending, f"epoch {trainer.current_epoch}", mid_fit=True)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int):
-        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        if not self._pending:
-            return
-        if len(self._calibration) < self.calibration_batches:
-            inputs = first_tensor(batch)
-            if inputs is not None:
-                self._calibration.append(inputs.detach())
-        if len(self._calibration) >= self.calibration_batches:
-            self._convert(trainer, pl_module, self._pending, f"epoch {trainer.current_epoch}", mid_fit=True)
+        if self.schedule is not None and self.unit == "step" and not self._pending:
+            self._pending, self._calls = self._due(trainer, pl_module), []
+        if self._pending and len(self._calls) >= self.calibration_batches:
+            self._convert(trainer, pl_module, self._pending, self._when(trainer), mid_fit=True)
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)  # records calls for calibration
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._pending:  # the epoch had fewer batches than calibration_batches
+        if self._pending and self.unit == "epoch":  # the epoch had fewer batches than calibration_batches
             self._convert(trainer, pl_module, self._pending, f"end of epoch {trainer.current_epoch}", mid_fit=True)
 
     def _live_ghosts(self, pl_module: nn.Module) -> list[str]:
@@ -184,11 +175,14 @@ class GhostConvCallback(CheapConvCallback):
     def _convert(
         self, trainer: Trainer, pl_module: LightningModule, names: list[str], when: str, mid_fit: bool
     ) -> None:
+        names = self._skip_reused(pl_module, names)
+        if not names:
+            self._pending, self._calls = [], []
+            return
         inputs: dict[str, Tensor] = {}
-        if self._calibration:
-            batch = torch.cat(self._calibration).to(pl_module.device)
-            if self.init == "inherit":
-                inputs = capture_inputs(pl_module, batch, names)
+        calls = [call.to(pl_module.device) for call in self._calls]
+        if calls and self.init == "inherit":
+            inputs = capture_inputs(pl_module, calls, names)
         new_modules: dict[str, nn.Module] = {}
         errors: dict[str, float | None] = {}
         for name in names:
@@ -207,15 +201,16 @@ class GhostConvCallback(CheapConvCallback):
             for name, new in new_modules.items():
                 swap_in_optimizers(trainer.optimizers, pl_module.get_submodule(name), new)
         replace_modules(pl_module, new_modules)
-        if self._calibration:
-            recalibrate_batchnorm(pl_module, batch)
+        follow_in_averaged_copies(trainer, new_modules)
+        if calls:
+            recalibrate_batchnorm(pl_module, calls)
             for norm in pl_module.modules():
                 if isinstance(norm, nn.modules.batchnorm._BatchNorm):
                     broadcast_module(norm)  # rank 0's statistics, from rank 0's calibration batches
         if mid_fit:
             rewrap(trainer)
         self.fit_errors.update(errors)
-        self._pending, self._calibration = [], []
+        self._pending, self._calls = [], []
         if self.verbose:
             fitted = [e for e in errors.values() if e is not None]
             detail = f", mean fit error {sum(fitted) / len(fitted):.3g}" if fitted else f", init={self.init}"

@@ -1,21 +1,58 @@
-"""When layers change: stages of layers spread over a range of epochs."""
+"""When layers change: stages of layers spread over a range of epochs or of optimizer steps."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from .._lightning import MisconfigurationException
+from ..validation import check_int
 
-__all__ = ["StageSchedule", "Order"]
+__all__ = ["StageSchedule", "Order", "Unit", "schedule_window"]
 
 Order = Literal["deep_first", "shallow_first"]
+Unit = Literal["epoch", "step"]
+
+
+def schedule_window(
+    who: str, prefix: str, start_epoch: Any, end_epoch: Any, start_step: Any, end_step: Any
+) -> tuple[Unit, int | None, int | None]:
+    """A window of stages given in epochs or in optimizer steps (``trainer.global_step``), not both.
+
+    Returns ``(unit, start, end)``; ``start``/``end`` are ``None`` where not given.
+
+    Raises:
+        MisconfigurationException: a value that is not an int >= 0, both units given, or end before start.
+    """
+    values = {
+        f"{prefix}start_epoch": start_epoch,
+        f"{prefix}end_epoch": end_epoch,
+        f"{prefix}start_step": start_step,
+        f"{prefix}end_step": end_step,
+    }
+    for name, value in values.items():
+        if value is not None:
+            check_int(name, value, 0, owner=who, error=MisconfigurationException)
+    epochs = start_epoch is not None or end_epoch is not None
+    steps = start_step is not None or end_step is not None
+    if epochs and steps:
+        given = ", ".join(f"{k}={v!r}" for k, v in values.items() if v is not None)
+        raise MisconfigurationException(f"{who}: give the schedule in epochs or in steps, not both ({given})")
+    unit: Unit = "step" if steps else "epoch"
+    start, end = (start_step, end_step) if steps else (start_epoch, end_epoch)
+    if start is not None and end is not None and end < start:
+        raise MisconfigurationException(
+            f"{who}: {prefix}end_{unit}={end!r} is out of range; valid range is >= {prefix}start_{unit}={start}"
+        )
+    return unit, start, end
 
 
 @dataclass(frozen=True)
 class StageSchedule:
     """Layers split into ``len(epochs)`` groups; group ``i`` changes at the start of ``epochs[i]``.
+
+    The unit is the caller's: epochs, or optimizer steps (then ``epochs`` holds steps).
 
     ``layers`` come in the model's order; ``order="deep_first"`` puts the deepest layers in the
     first group (the papers' advice: late layers are the most redundant and the cheapest to

@@ -10,22 +10,16 @@ import torch
 from torch import nn
 
 from .._lightning import LightningModule, MisconfigurationException, Trainer, rank_zero_info, rank_zero_warn
-from ..convert import LayerPlan, decompose_structured, select_layers, structure_spec_for
+from ..calls import ModelCall, tensors_in
+from ..convert import LayerPlan, decompose_structured, replace_modules, select_layers, structure_spec_for
 from ..nn import StructuredConv2d, StructuredLinear
 from ..structure import StructureSpec, project, structural_residual
+from ..validation import check_bool, check_finite_number, check_instance, check_int, check_int_pair
 from .base import CheapConvCallback, Patterns
-from .schedule import Order
+from .schedule import Order, schedule_window
 from .surgery import check_strategy, swap_in_optimizers
 
 __all__ = ["StructuredConvCallback"]
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class StructuredConvCallback(CheapConvCallback):
@@ -80,6 +74,7 @@ class StructuredConvCallback(CheapConvCallback):
     """
 
     method = "structured"
+    cheap_types = (StructuredConv2d, StructuredLinear)
 
     def __init__(
         self,
@@ -99,39 +94,31 @@ class StructuredConvCallback(CheapConvCallback):
         skip_first: bool = True,
         skip_last: bool = True,
         verbose: int = 1,
+        project_start_step: int | None = None,
+        project_end_step: int | None = None,
     ) -> None:
         super().__init__(include, exclude, skip_first, skip_last, project_order, verbose)
-        if not _is_number(channel_ratio) or not 0.0 < channel_ratio <= 1.0:
-            raise MisconfigurationException(f"channel_ratio={channel_ratio!r} is out of range; valid range is (0, 1]")
-        if kernel_size is None and (not _is_int(kernel_reduction) or kernel_reduction < 0):
-            raise MisconfigurationException(
-                f"kernel_reduction={kernel_reduction!r} is out of range; valid range is an int >= 0"
-            )
-        if kernel_size is not None:
-            sizes = (kernel_size,) * 2 if isinstance(kernel_size, int) else tuple(kernel_size)
-            if len(sizes) != 2 or not all(_is_int(v) and v >= 1 for v in sizes):
-                raise MisconfigurationException(f"kernel_size={kernel_size!r}; valid values are ints >= 1 or a pair")
-        if not _is_number(reg_weight) or reg_weight < 0:
-            raise MisconfigurationException(f"reg_weight={reg_weight!r} is out of range; valid range is >= 0")
-        if not callable(reg_schedule) and (not _is_int(reg_schedule) or reg_schedule < 0):
-            raise MisconfigurationException(
-                f"reg_schedule={reg_schedule!r}; valid values are warm-up epochs (an int >= 0) or a callable(epoch)"
-            )
-        for name, value in (("project_start_epoch", project_start_epoch), ("project_end_epoch", project_end_epoch)):
-            if value is not None and (not _is_int(value) or value < 0):
-                raise MisconfigurationException(f"{name}={value!r} is out of range; valid range is an int >= 0")
-        if (
-            project_start_epoch is not None
-            and project_end_epoch is not None
-            and project_end_epoch < project_start_epoch
-        ):
-            raise MisconfigurationException(
-                f"project_end_epoch={project_end_epoch} is before project_start_epoch={project_start_epoch}"
-            )
+        who, error = type(self).__name__, MisconfigurationException
+        check_finite_number("channel_ratio", channel_ratio, 0.0, 1.0, exclusive_minimum=True, owner=who, error=error)
+        if kernel_size is None:
+            check_int("kernel_reduction", kernel_reduction, 0, owner=who, error=error)
+        else:
+            check_int_pair("kernel_size", kernel_size, 1, owner=who, error=error)
+        check_finite_number("reg_weight", reg_weight, 0.0, owner=who, error=error)
+        if not callable(reg_schedule):
+            check_int("reg_schedule", reg_schedule, 0, owner=who, error=error)
+        check_bool("linear", linear, owner=who, error=error)
+        check_bool("decompose_on_fit_end", decompose_on_fit_end, owner=who, error=error)
+        if export_path is not None:
+            check_instance("export_path", export_path, (str, Path), owner=who, error=error)
+        self.unit, self.project_start, self.project_end = schedule_window(
+            who, "project_", project_start_epoch, project_end_epoch, project_start_step, project_end_step
+        )
         self.channel_ratio, self.kernel_reduction, self.kernel_size = channel_ratio, kernel_reduction, kernel_size
         self.linear = linear
         self.reg_weight, self.reg_schedule = float(reg_weight), reg_schedule
         self.project_start_epoch, self.project_end_epoch = project_start_epoch, project_end_epoch
+        self.project_start_step, self.project_end_step = project_start_step, project_end_step
         self.decompose_on_fit_end = decompose_on_fit_end
         self.export_path = Path(export_path) if export_path is not None else None
         self.specs: dict[str, StructureSpec] = {}
@@ -154,6 +141,7 @@ class StructuredConvCallback(CheapConvCallback):
                 channel_ratio=self.channel_ratio,
                 kernel_reduction=self.kernel_reduction,
                 kernel_size=self.kernel_size,
+                example_input=self._example_input_array(pl_module),
             )
         except ValueError as err:
             raise MisconfigurationException(f"StructuredConvCallback: {err}") from err
@@ -178,41 +166,51 @@ class StructuredConvCallback(CheapConvCallback):
             )
         return StructuredLinear(layer.in_features, layer.out_features, layer.bias is not None, spec.channels)
 
-    def _cheap_layers(self) -> set[str]:
-        return set(self.projected)
+    def _cheap_layers(self, pl_module: LightningModule) -> set[str]:
+        return set(self.projected) | self._cheap_now(pl_module)
 
     # -- setup ----------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
+            self._remember_forms(pl_module)
             return
         check_strategy(trainer, type(self).__name__, changes_mid_fit=False)
         self.specs = {}
-        self._setup_plan(pl_module)  # builds each target's cheap twin, and with it self.specs
-        start, end = self._projection_window(trainer)
-        if start is not None:
-            self._build_schedule(start, end, stages=end - start + 1)
+        self._setup_plan(trainer, pl_module)  # builds each target's cheap twin, and with it self.specs
+        self.schedule = None
+        window = self._projection_window(trainer)
+        if window is not None and self.todo:
+            start, end = window
+            self._build_schedule(start, end, stages=min(end - start + 1, len(self.todo)))
         self.projected = set()
         self._last_projected_step = -1
         self.layer_residuals, self.decomposition_error = {}, None  # nothing left from an earlier fit
 
-    def _projection_window(self, trainer: Trainer) -> tuple[int | None, int]:
-        start, end = self.project_start_epoch, self.project_end_epoch
-        max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
-        if start is None:
-            if max_epochs is None and end is None:
-                return None, 0
-            if max_epochs is None:
-                start = end
-            else:  # the default start never lies after an explicit end
-                start = max_epochs // 2 if end is None else min(max_epochs // 2, end)
-        if end is None:
-            end = max(start, (3 * max_epochs) // 4) if max_epochs is not None else start
-        if max_epochs is not None and end >= max_epochs:
-            rank_zero_warn(
-                f"StructuredConvCallback: project_end_epoch={end} is not before max_epochs={max_epochs}; "
-                "the layers of later stages are projected at fit end, without fine-tuning."
-            )
+    def _projection_window(self, trainer: Trainer) -> tuple[int, int] | None:
+        """First and last projection stage, in :attr:`unit`: given, or 50% and 75% of ``max_epochs`` (epochs),
+        else of ``max_steps`` (steps). ``None`` (with a warning) when neither bounds the fit."""
+        start, end = self.project_start, self.project_end
+        if start is None or end is None:
+            max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else None
+            max_steps = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps > 0 else None
+            if self.unit == "epoch" and max_epochs is None and max_steps is not None and start is None and end is None:
+                self.unit = "step"  # a run bounded by max_steps only: the default window in steps
+            total = max_epochs if self.unit == "epoch" else max_steps
+            if total is None and start is None and end is None:
+                rank_zero_warn(
+                    "StructuredConvCallback: the fit is bounded by neither max_epochs nor max_steps, so no projection "
+                    "stage can be placed; layers are projected at fit end, without fine-tuning. Set "
+                    "project_start_epoch/project_start_step."
+                )
+                return None
+            if start is None:  # the default start never lies after an explicit end
+                start = end if total is None else (total // 2 if end is None else min(total // 2, end))
+            if end is None:
+                end = max(start, (3 * total) // 4) if total is not None else start
         return start, end
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._warn_unreachable(trainer, "are projected at fit end, without fine-tuning")
 
     # -- regularization -------------------------------------------------------------------------
     def current_reg_weight(self, epoch: int) -> float:
@@ -234,7 +232,7 @@ class StructuredConvCallback(CheapConvCallback):
             if name in self.projected:
                 continue
             param = pl_module.get_submodule(name).weight
-            if id(param) not in owned:
+            if id(param) not in owned or not param.requires_grad:  # frozen weights get no gradient from us
                 continue
             copy = param.detach().float().requires_grad_(True)
             residual = structural_residual(copy, self.specs[name])
@@ -266,12 +264,22 @@ class StructuredConvCallback(CheapConvCallback):
                 weight = pl_module.get_submodule(name).weight
                 weight.copy_(project(weight, self.specs[name]))
 
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _project_due(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.schedule is None:
             return
-        due = [n for n in self.schedule.due_by(trainer.current_epoch) if n not in self.projected]
+        due = [n for n in self.schedule.due_by(self._now(trainer)) if n not in self.projected and n in self.todo]
+        due = self._skip_reused(pl_module, due)
         if due:
-            self._start_projecting(pl_module, due, f"epoch {trainer.current_epoch}")
+            self._start_projecting(pl_module, due, self._when(trainer))
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.unit == "epoch":
+            self._project_due(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int):
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if self.unit == "step":
+            self._project_due(trainer, pl_module)
 
     def _start_projecting(self, pl_module: LightningModule, names: Sequence[str], when: str) -> None:
         with torch.no_grad():
@@ -313,7 +321,7 @@ class StructuredConvCallback(CheapConvCallback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.decompose_on_fit_end:
             return
-        remaining = [n for n in self.targets if n not in self.projected]
+        remaining = self._skip_reused(pl_module, [n for n in self.todo if n not in self.projected])
         if remaining:
             self._start_projecting(pl_module, remaining, "fit end")
         dense = self._dense(pl_module, self.targets)
@@ -330,34 +338,78 @@ class StructuredConvCallback(CheapConvCallback):
             rank_zero_info(f"StructuredConvCallback: decomposed state dict saved to {self.export_path}")
 
     def _decompose(self, trainer: Trainer, pl_module: LightningModule, names: list[str]) -> None:
+        """Decompose the (projected) ``names`` and check the network's outputs on the recorded input.
+
+        A forward that fails after the decomposition (a weight used outside its layer that the checks before
+        could not see, say) puts the dense layers back and warns; so does an output difference above 1e-3.
+        """
+        who = type(self).__name__
         example = self._example.to(pl_module.device) if self._example is not None else None
-        reference = self._outputs(pl_module, example)
+        try:
+            reference = self._outputs(pl_module, example)
+        except Exception as err:  # noqa: BLE001 - the user's forward: report, never lose the trained model
+            rank_zero_warn(f"{who}: cannot check the decomposition: the forward pass failed before it ({err!r})")
+            example = reference = None
         old = {n: pl_module.get_submodule(n) for n in names}
         plan = [p for p in self.plan if p.action != "convert" or p.name in old]
         decompose_structured(pl_module, specs={n: self.specs[n] for n in names}, plan=plan)
+        try:
+            decomposed = self._outputs(pl_module, example)
+        except Exception as err:  # noqa: BLE001
+            replace_modules(pl_module, old)
+            rank_zero_warn(
+                f"{who}: the decomposed network fails its forward pass ({err!r}); the {len(old)} layer(s) stay "
+                "dense (projected, so exactly structured) and can be decomposed with decompose_structured()."
+            )
+            return
         # The optimizers hold the decomposed parameters in place of the dense ones, so a checkpoint saved after
         # fit (``trainer.save_checkpoint``) has optimizer state that fits the decomposed model on resume.
         for name, layer in old.items():
             swap_in_optimizers(trainer.optimizers, layer, pl_module.get_submodule(name))
-        decomposed = self._outputs(pl_module, example)
         if reference is not None and decomposed is not None:
-            scale = reference.abs().max().clamp_min(1e-12)
-            self.decomposition_error = float((decomposed - reference).abs().max() / scale)
+            errors = [
+                (d - r).abs().max() / r.abs().max().clamp_min(1e-12) for r, d in zip(reference, decomposed, strict=True)
+            ]
+            self.decomposition_error = float(max(errors, default=0.0))
+            if self.decomposition_error > 1e-3:
+                rank_zero_warn(
+                    f"{who}: the decomposed network's outputs differ from the projected one's by "
+                    f"{self.decomposition_error:.2e} (relative, max); expected ~1e-6."
+                )
+        elif example is None:
+            rank_zero_warn(f"{who}: the decomposition was not checked: no recorded input (set example_input_array)")
 
     @staticmethod
-    def _outputs(pl_module: LightningModule, example: torch.Tensor | None) -> torch.Tensor | None:
+    def _outputs(pl_module: LightningModule, example: ModelCall | None) -> list[torch.Tensor] | None:
+        """The floating-point tensors of the network's output on ``example``, in eval mode."""
         if example is None:
             return None
         was_training = pl_module.training
         pl_module.eval()
         try:
             with torch.no_grad():
-                out = pl_module(example)
-        except Exception:
-            return None
+                out = example(pl_module)
         finally:
             pl_module.train(was_training)
-        return out.float() if isinstance(out, torch.Tensor) else None
+        return [t.float() for t in tensors_in(out) if t.is_floating_point()]
+
+    def _restore_forms(self, pl_module: LightningModule, changed: list[str]) -> list[str]:
+        """A checkpoint written before the fit-end decomposition holds the projected dense weights: decompose
+        those again (exact), so validate/test/predict run the model in the form it had."""
+        exact = []
+        for name in self._dense(pl_module, changed):
+            weight = pl_module.get_submodule(name).weight
+            spec = self.specs.get(name)
+            if spec is not None and float(structural_residual(weight.detach(), spec)) < 1e-5:
+                exact.append(name)
+        if exact:
+            self._decompose(pl_module.trainer, pl_module, exact)
+            if self.verbose:
+                rank_zero_info(
+                    f"StructuredConvCallback: the checkpoint held {len(exact)} layer(s) dense (projected); decomposed "
+                    "them again, as the model was"
+                )
+        return [n for n in changed if n not in exact or not isinstance(pl_module.get_submodule(n), self.cheap_types)]
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "projected": sorted(self.projected)}

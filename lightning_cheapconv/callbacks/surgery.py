@@ -1,15 +1,34 @@
 """Changing a model in the middle of ``fit``: identical modules on every rank, the live optimizer
-edited in place, and DDP wrapped again (DESIGN.md section 4)."""
+edited in place, the copies other callbacks keep changed alike, and DDP wrapped again (DESIGN.md section 4)."""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
-from .._lightning import MisconfigurationException, Trainer, is_ddp, is_sharded, is_spawn_launcher
+from .._lightning import (
+    MisconfigurationException,
+    Trainer,
+    is_ddp,
+    is_model_pruning,
+    is_sharded,
+    is_spawn_launcher,
+    is_weight_averaging,
+)
+from ..convert import replace_modules
 
-__all__ = ["check_strategy", "broadcast_module", "swap_in_optimizers", "rewrap"]
+__all__ = [
+    "check_strategy",
+    "refuse_incompatible_callbacks",
+    "broadcast_module",
+    "swap_in_optimizers",
+    "follow_in_averaged_copies",
+    "rewrap",
+]
 
 
 def check_strategy(trainer: Trainer, who: str, changes_mid_fit: bool) -> None:
@@ -28,6 +47,46 @@ def check_strategy(trainer: Trainer, who: str, changes_mid_fit: bool) -> None:
             "strategies (FSDP, DeepSpeed) do not allow. Use a single device or strategy='ddp'"
             + (", or convert the model before fit with convert_to_ghost()." if changes_mid_fit else ".")
         )
+
+
+def refuse_incompatible_callbacks(trainer: Trainer, who: str) -> None:
+    """Refuse callbacks whose state cannot follow a layer replacement, naming them."""
+    for callback in trainer.callbacks:
+        if is_model_pruning(callback):
+            raise MisconfigurationException(
+                f"{who} cannot run together with {type(callback).__name__}: pruning re-parametrizes the layers' "
+                "weights (weight_orig * weight_mask) and keeps references to the modules this callback replaces. "
+                "Prune before or after the compression run, in separate fits."
+            )
+
+
+def _averaged_copies(trainer: Trainer) -> list[nn.Module]:
+    """The model copies held by Lightning's weight-averaging callbacks (SWA, WeightAveraging/EMA), made in
+    their ``setup`` and paired with the live model's parameters by position."""
+    copies = []
+    for callback in trainer.callbacks:
+        average = getattr(callback, "_average_model", None) if is_weight_averaging(callback) else None
+        if isinstance(average, AveragedModel):
+            copies.append(average.module)
+        elif isinstance(average, nn.Module):
+            copies.append(average)
+    return copies
+
+
+def follow_in_averaged_copies(trainer: Trainer, new_modules: dict[str, nn.Module]) -> None:
+    """Apply the same replacement to every averaged copy, so that it keeps pairing with the live model.
+
+    Each copy gets its own copy of the new module, on the device of the layer it replaces there: from now
+    on its average of that layer starts from the converted weights.
+    """
+    for average in _averaged_copies(trainer):
+        placed = {}
+        for name, new in new_modules.items():
+            old = average.get_submodule(name)
+            reference = next(iter(old.parameters()), None)
+            device = reference.device if reference is not None else None
+            placed[name] = copy.deepcopy(new).to(device)
+        replace_modules(average, placed)
 
 
 def broadcast_module(module: nn.Module) -> None:

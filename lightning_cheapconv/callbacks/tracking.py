@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..calls import ModelCall
 from ..complexity import Complexity, LayerComplexity, count_complexity
 
-__all__ = ["CompressionTracker", "first_tensor", "Cost"]
+__all__ = ["CompressionTracker", "Cost"]
 
 
 @dataclass(frozen=True)
@@ -28,15 +28,18 @@ class Cost:
         return Cost(self.params - other.params, self.macs - other.macs, self.adds - other.adds)
 
 
-def first_tensor(batch: Any) -> Tensor | None:
-    """The model input of a batch: the batch itself, its first element, or its first tensor value."""
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (list, tuple)) and batch:
-        return first_tensor(batch[0])
-    if isinstance(batch, Mapping):
-        return next((v for v in batch.values() if isinstance(v, Tensor)), None)
-    return None
+_CONV_ARGUMENTS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "bias")
+
+
+def _dense_twin(layer: nn.Module) -> nn.Module:
+    """A meta-device plain layer: a copy of ``layer``, or the layer that a cheap module replaced (from its record)."""
+    if isinstance(layer, (nn.Conv2d, nn.Linear)):
+        return copy.deepcopy(layer).to("meta")
+    config = layer.config()
+    if "in_features" in config:
+        return nn.Linear(config["in_features"], config["out_features"], bias=config["bias"], device="meta")
+    arguments = {k: config[k] for k in _CONV_ARGUMENTS if k in config}
+    return nn.Conv2d(**arguments, padding_mode=config.get("padding_mode", "zeros"), device="meta")
 
 
 def _cost(complexity: Complexity) -> Cost:
@@ -46,8 +49,9 @@ def _cost(complexity: Complexity) -> Cost:
 class CompressionTracker:
     """Counts the model once, then answers "what would it cost with exactly these layers cheap?".
 
-    At construction every target layer is still in its original form: a meta-device copy of it
-    (no memory) and of its cheap twin (built by ``make_cheap``) are kept. :meth:`measure` counts
+    At construction a meta-device (no memory) dense and cheap form of every target layer are kept: a
+    layer still dense is copied and its cheap twin built by ``make_cheap``; a layer already cheap (a
+    second fit) is copied, and its dense twin built from its configuration. :meth:`measure` counts
     the live model on one example input and records each target layer's input shape; both twins
     are then counted at that shape. Costs are per example input (batch 1: per image).
     """
@@ -56,10 +60,13 @@ class CompressionTracker:
         self.dense: dict[str, nn.Module] = {}
         self.cheap: dict[str, nn.Module] = {}
         for name in targets:
-            layer = copy.deepcopy(model.get_submodule(name)).to("meta")
-            self.dense[name] = layer
-            with torch.device("meta"):
-                self.cheap[name] = make_cheap(name, layer)
+            live = model.get_submodule(name)
+            self.dense[name] = _dense_twin(live)
+            if isinstance(live, (nn.Conv2d, nn.Linear)):
+                with torch.device("meta"):
+                    self.cheap[name] = make_cheap(name, self.dense[name])
+            else:
+                self.cheap[name] = copy.deepcopy(live).to("meta")
         self.base: Cost | None = None
         self.base_cheap: frozenset[str] = frozenset()
         self.layer_costs: dict[str, tuple[Cost, Cost]] = {}
@@ -70,7 +77,7 @@ class CompressionTracker:
     def measured(self) -> bool:
         return self.base is not None
 
-    def measure(self, model: nn.Module, example_input: Tensor, cheap_now: Iterable[str]) -> None:
+    def measure(self, model: nn.Module, example_input: Tensor | ModelCall, cheap_now: Iterable[str]) -> None:
         """Count ``model`` (whose layers in ``cheap_now`` are in cheap form) on ``example_input``."""
         shapes: dict[str, tuple[int, ...]] = {}
         handles = []
