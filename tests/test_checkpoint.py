@@ -165,6 +165,18 @@ def test_float64_model_gets_float64_modules():
     assert all(p.dtype == torch.float32 for p in saved.parameters())  # placed like the modules they replace
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_rebuilt_modules_keep_the_training_mode_of_those_they_replace(training):
+    saved = _ghost()
+    replace_modules(saved, {"body.0": GhostConv2d(16, 24, 3, padding=1, bias=True, norm_layer=nn.BatchNorm2d)})
+    model = _net(seed=1).train(training)
+    restructure(model, saved.state_dict())
+    assert {m.training for m in model.modules()} == {training}  # a BatchNorm in train mode would use batch statistics
+    back = _net(seed=2).eval()
+    restructure(model.eval(), back.state_dict())
+    assert not any(m.training for m in model.modules())
+
+
 def test_shared_module_round_trip():
     class Shared(nn.Module):
         def __init__(self):
@@ -257,7 +269,7 @@ def _bad_states():
         ),
         "broken record": (
             {**good, "body.0._extra_state": {k: v for k, v in record.items() if k != "in_channels"}},
-            "'body.0._extra_state': cannot rebuild GhostConv2d",
+            r"'body.0._extra_state': cannot rebuild GhostConv2d: missing field\(s\) \['in_channels'\]",
         ),
         "newer version": (
             {**good, "body.0._extra_state": {**record, "version": 99}},
@@ -307,6 +319,8 @@ def test_dense_from_record():
         dense_from_record(record, torch.zeros(24, 16, 5, 5), "body.0")
     with pytest.raises(ValueError, match=r"body.0: dense weight of shape \(24, 16\) does not fit the GhostConv2d"):
         dense_from_record(record, torch.zeros(24, 16), "body.0")
+    with pytest.raises(ValueError, match=r"body.0: dense weight of type list does not fit the GhostConv2d"):
+        dense_from_record(record, [[0.0]], "body.0")
     linear = dense_from_record(_structured().fc.structure_record(), torch.zeros(32, 24))
     assert type(linear) is nn.Linear and (linear.in_features, linear.out_features) == (24, 32)
 

@@ -265,26 +265,78 @@ def test_ghost_with_ema_weight_averaging(pl_ns: ModuleType, project: Any) -> Non
         assert torch.isfinite(model(torch.randn(2, 3, 8, 8))).all()
 
 
+@pytest.mark.parametrize("method", ["ghost", "structured"])
+def test_model_pruning_is_refused_at_setup(pl_ns: ModuleType, project: Any, method: str) -> None:
+    """Lightning's ``ModelPruning`` re-parametrizes the weights of the layers the plugin replaces: refused before any
+    change, naming it."""
+    pl_ns.seed_everything(0)
+    model = project.Model()
+    before = snapshot(model)
+    callback = GhostConvCallback(verbose=0) if method == "ghost" else StructuredConvCallback(verbose=0)
+    pruning = pl_ns.callbacks.ModelPruning("l1_unstructured", amount=0.5, verbose=0)
+    trainer = user_trainer(pl_ns, callbacks=[pruning, callback])
+    with pytest.raises(MisconfigurationException, match="ModelPruning"):
+        trainer.fit(model, datamodule=project.DataModule())
+    assert layer_types(model) == dict.fromkeys(USER_TARGETS, "Conv2d")
+    after = snapshot(model)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
 # ---------------------------------------------------------------------------------------------- c. per-module groups
-def test_resume_with_one_param_group_per_module(pl_ns: ModuleType, project: Any, tmp_path: Path) -> None:
+def _per_module_groups(modules: Any) -> list[dict]:
+    groups = []
+    for module in modules:
+        own = list(module.parameters(recurse=False))
+        if own:
+            lr = {nn.Conv2d: 0.05, nn.BatchNorm2d: 0.1, nn.Linear: 0.02}[type(module)]
+            groups.append({"params": own, "lr": lr})
+    return groups
+
+
+@pytest.mark.parametrize("optimizers", ["one", "two-manual"])
+def test_resume_with_one_param_group_per_module(
+    pl_ns: ModuleType, project: Any, tmp_path: Path, optimizers: str
+) -> None:
     """``configure_optimizers`` builds one parameter group per module (convs, norms and head at different learning
     rates, StepLR): stopped after the Ghost stage (checkpoint at the end of epoch 1, stage at its start) and
-    resumed with ``ckpt_path``, the run finishes and equals the uninterrupted one."""
+    resumed with ``ckpt_path``, the run finishes and equals the uninterrupted one. Also with two optimizers (Adam
+    on the backbone, per module; SGD on the head) and two schedulers under manual optimization."""
 
     class PerModuleGroups(project.Model):
         def configure_optimizers(self) -> Any:
-            groups = []
-            for module in self.modules():
-                own = list(module.parameters(recurse=False))
-                if own:
-                    lr = {nn.Conv2d: 0.05, nn.BatchNorm2d: 0.1, nn.Linear: 0.02}[type(module)]
-                    groups.append({"params": own, "lr": lr})
-            opt = torch.optim.SGD(groups, lr=0.05, momentum=0.9)
+            opt = torch.optim.SGD(_per_module_groups(self.modules()), lr=0.05, momentum=0.9)
             return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)}
+
+    class TwoOptimizers(project.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            backbone_opt, head_opt = self.optimizers()
+            loss = F.cross_entropy(self(batch[0]), batch[1])
+            backbone_opt.zero_grad()
+            head_opt.zero_grad()
+            self.manual_backward(loss)
+            backbone_opt.step()
+            head_opt.step()
+            if self.trainer.is_last_batch:
+                for scheduler in self.lr_schedulers():
+                    scheduler.step()
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            backbone = torch.optim.Adam(_per_module_groups(self.backbone.modules()), lr=0.01)
+            head = torch.optim.SGD(self.head.parameters(), lr=0.05, momentum=0.9)
+            schedulers = [
+                torch.optim.lr_scheduler.StepLR(backbone, 1, 0.5),
+                torch.optim.lr_scheduler.ExponentialLR(head, 0.9),
+            ]
+            return [backbone, head], schedulers
 
     def run(root: Path, ckpt_path: str | None = None) -> Any:
         pl_ns.seed_everything(0)
-        model = PerModuleGroups()
+        model = PerModuleGroups() if optimizers == "one" else TwoOptimizers()
         checkpoint = pl_ns.callbacks.ModelCheckpoint(dirpath=root, filename="{epoch}", save_top_k=-1)
         callbacks = [GhostConvCallback(start_epoch=1, verbose=0), checkpoint]
         trainer = user_trainer(pl_ns, callbacks=callbacks, enable_checkpointing=True, deterministic=True)
@@ -582,6 +634,34 @@ def test_weight_used_outside_its_module_is_skipped(
     model.eval()
     with torch.no_grad():
         assert model(torch.randn(2, 3, 8, 8)).shape == (2, 3, 8, 8)
+
+
+def test_fit_end_decomposition_that_breaks_the_forward_is_undone_loudly(pl_ns: ModuleType) -> None:
+    """A forward that only runs with dense layers (no check can know): at fit end the decomposed network fails its
+    forward pass, so the projected dense layers are put back and a warning says so (no silent ``None``)."""
+    pl_ns.seed_everything(0)
+    model = tied_autoencoder(pl_ns)
+    model.forward = _dense_only(model)
+    callback = StructuredConvCallback(exclude="enc", verbose=0)
+    trainer = user_trainer(pl_ns, callbacks=[callback])
+    with pytest.warns(UserWarning, match="decomposed network fails its forward pass"):
+        trainer.fit(model, DataLoader(user_images(32, 8, seed=0), batch_size=8))
+    assert type(model.mid) is nn.Conv2d
+    assert float(structural_residual(model.mid.weight.detach(), callback.specs["mid"])) < 1e-5  # projected
+    assert callback.decomposition_error is None
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 8, 8)).shape == (2, 3, 8, 8)
+
+
+def _dense_only(model: nn.Module) -> Any:
+    forward = model.forward
+
+    def dense_only_forward(x: torch.Tensor) -> torch.Tensor:
+        if type(model.mid) is not nn.Conv2d:
+            raise RuntimeError("this network runs with dense layers only")
+        return forward(x)
+
+    return dense_only_forward
 
 
 # ---------------------------------------------------------------------------------------------- h. evaluate after fit

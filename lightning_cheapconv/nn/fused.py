@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from .record import StructureRecordMixin, check_positive_ints, conv_config, register_kind
+from .record import StructureRecordMixin, check_conv_args, check_positive_ints, conv_config, register_kind
 
 __all__ = ["FusedConv2d", "FoldedBatchNorm"]
 
@@ -20,7 +21,9 @@ class FusedConv2d(StructureRecordMixin, nn.Conv2d):
     It computes exactly what ``nn.Conv2d`` computes; it differs only in describing itself in
     checkpoints, so that :func:`lightning_cheapconv.restructure` can rebuild it (with its bias) in a
     fresh model whose conv has none. :func:`lightning_cheapconv.deploy.fold_batchnorm` makes it and
-    puts a :class:`FoldedBatchNorm` where the BatchNorm was.
+    puts a :class:`FoldedBatchNorm` where the BatchNorm was. Its arguments are ``nn.Conv2d``'s, checked
+    by :func:`~lightning_cheapconv.nn.record.check_conv_args` (``ValueError`` for a value ``nn.Conv2d``
+    could not run with, such as a stride of 0).
 
     Example::
 
@@ -28,6 +31,27 @@ class FusedConv2d(StructureRecordMixin, nn.Conv2d):
         >>> fused(torch.randn(1, 16, 8, 8)).shape
         torch.Size([1, 32, 8, 8])
     """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: str | int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        kernel_size, stride, padding, dilation = check_conv_args(
+            "FusedConv2d", in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode
+        )
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
+        )
 
     def config(self) -> dict[str, Any]:
         return conv_config(self)

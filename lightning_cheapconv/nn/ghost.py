@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .record import StructureRecordMixin, check_positive_ints, register_kind
+from .record import StructureRecordMixin, check_bools, check_conv_args, register_kind, short_repr
 from .squeeze_excite import SqueezeExcite
 
 __all__ = ["GhostConv2d", "GhostBottleneck"]
@@ -53,6 +53,10 @@ class GhostConv2d(StructureRecordMixin, nn.Module):
     feeds each output channel (weight inheritance keeps the original conv's channel order with
     it); when it is the plain "first ``out_channels``" it is not stored and costs nothing.
 
+    Raises ``ValueError`` naming the argument, its value and the valid range for a conv argument
+    that ``nn.Conv2d`` could not run with (:func:`~lightning_cheapconv.nn.record.check_conv_args`),
+    a ``ratio`` below 2, an even ``dw_size``, or a ``norm_layer``/``act_layer`` not from ``torch.nn``.
+
     Example::
 
         >>> ghost = GhostConv2d(64, 128, 3, padding=1, ratio=2, dw_size=3)
@@ -79,7 +83,10 @@ class GhostConv2d(StructureRecordMixin, nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_positive_ints("GhostConv2d", in_channels=in_channels, out_channels=out_channels)
+        kernel_size, stride, padding, dilation = check_conv_args(
+            "GhostConv2d", in_channels, out_channels, kernel_size, stride, padding, dilation, 1, bias, padding_mode
+        )
+        check_bools("GhostConv2d", permuted=permuted)
         if not isinstance(ratio, int) or isinstance(ratio, bool) or ratio < 2:
             raise ValueError(f"GhostConv2d: ratio={ratio!r} is out of range; valid range is an int >= 2")
         if not isinstance(dw_size, int) or isinstance(dw_size, bool) or dw_size < 1 or dw_size % 2 == 0:
@@ -120,14 +127,15 @@ class GhostConv2d(StructureRecordMixin, nn.Module):
 
     def set_output_index(self, index: Sequence[int] | Tensor | None) -> None:
         """Set which concatenated channel feeds each output channel (``None`` or the identity: the first
-        ``out_channels``). Indices must be distinct and below ``ratio · ceil(out / ratio)``."""
-        total = self.intrinsic_channels * self.ratio
+        ``out_channels``). Indices must be ``out_channels`` distinct ints below ``ratio · ceil(out / ratio)``.
+
+        Raises:
+            ValueError: if they are not (the module is left as it was).
+        """
         if index is not None:
-            index = torch.as_tensor(index, dtype=torch.long, device=self.primary.weight.device)
-            if index.shape != (self.out_channels,) or index.unique().numel() != self.out_channels:
-                raise ValueError(f"GhostConv2d: output_index must hold {self.out_channels} distinct indices")
-            if int(index.min()) < 0 or int(index.max()) >= total:
-                raise ValueError(f"GhostConv2d: output_index values must lie in 0..{total - 1}")
+            index = torch.as_tensor(index, device=self.primary.weight.device)
+            self._check_output_index(index, "GhostConv2d: output_index")
+            index = index.long()
             if torch.equal(index.cpu(), torch.arange(self.out_channels)):
                 index = None
         if "output_index" in self._buffers:
@@ -138,6 +146,36 @@ class GhostConv2d(StructureRecordMixin, nn.Module):
             self.output_index = None
         else:
             self.register_buffer("output_index", index)
+
+    def _check_output_index(self, index: Any, name: str) -> None:
+        """Raise ``ValueError`` naming ``name`` unless ``index`` is an integer tensor of ``out_channels`` distinct
+        values in ``0..ratio·ceil(out_channels / ratio) - 1`` (a concatenated channel may be skipped)."""
+        total = self.intrinsic_channels * self.ratio
+        expected = f"{self.out_channels} distinct indices (an integer tensor of shape ({self.out_channels},))"
+        if not isinstance(index, Tensor):
+            raise ValueError(f"{name} must hold {expected}, got {type(index).__name__}")
+        if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool or index.is_meta:
+            raise ValueError(f"{name} must hold {expected}, got a {index.dtype} tensor on {index.device}")
+        if index.shape != (self.out_channels,):
+            raise ValueError(f"{name} must hold {expected}, got shape {tuple(index.shape)}")
+        low, high = int(index.min()), int(index.max())
+        if low < 0 or high >= total:
+            raise ValueError(
+                f"{name} values must lie in 0..{total - 1} (the concatenated channels), got values {low}..{high}"
+            )
+        values, counts = index.unique(return_counts=True)
+        if bool((counts > 1).any()):
+            raise ValueError(f"{name} must hold {expected}, got duplicates {short_repr(values[counts > 1].tolist())}")
+
+    def check_state(self, state_dict: Mapping[str, Any], prefix: str) -> None:
+        """Check the ``output_index`` that a permuted module would load (see :meth:`set_output_index`).
+
+        Raises:
+            ValueError: naming the key, if it is not ``out_channels`` distinct ints in range.
+        """
+        key = prefix + "output_index"
+        if self.output_index is not None and key in state_dict:
+            self._check_output_index(state_dict[key], f"state dict key {key!r}")
 
     def config(self) -> dict[str, Any]:
         conv = self.primary

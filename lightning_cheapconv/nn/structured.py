@@ -19,22 +19,21 @@ from torch import Tensor, nn
 
 from ..structure import StructureSpec, from_alpha, to_alpha
 from .functional import window_sum, window_sum_additions
-from .record import StructureRecordMixin, check_positive_ints, conv_config, register_kind
+from .record import (
+    StructureRecordMixin,
+    check_bools,
+    check_conv_args,
+    check_pair,
+    check_positive_ints,
+    conv_config,
+    register_kind,
+)
 
 __all__ = ["StructuredConv2d", "StructuredLinear"]
 
-_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-
-
-def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
-        raise ValueError(f"StructuredConv2d: {name} must be an int or a pair of ints, got {value!r}")
-    return pair  # type: ignore[return-value]
-
 
 def _explicit_padding(
-    padding: str | int | Sequence[int], kernel: tuple[int, int], dilation: tuple[int, int]
+    padding: str | tuple[int, int], kernel: tuple[int, int], dilation: tuple[int, int]
 ) -> tuple[int, int, int, int]:
     """``(left, right, top, bottom)`` as :func:`torch.nn.functional.pad` takes it; ``'same'`` puts the odd
     pixel on the right/bottom, as PyTorch's own ``padding='same'`` does."""
@@ -43,7 +42,7 @@ def _explicit_padding(
     if padding == "same":
         total_h, total_w = (d * (k - 1) for d, k in zip(dilation, kernel, strict=True))
         return (total_w // 2, total_w - total_w // 2, total_h // 2, total_h - total_h // 2)
-    pad_h, pad_w = _pair(padding, "padding")  # type: ignore[arg-type]
+    pad_h, pad_w = padding
     return (pad_w, pad_w, pad_h, pad_h)
 
 
@@ -59,6 +58,10 @@ class StructuredConv2d(StructureRecordMixin, nn.Module):
     Args mirror ``nn.Conv2d``; ``hidden_channels`` is ``c`` per group (default ``C``: spatial
     structure only) and ``hidden_kernel_size`` is ``(n_h, n_w)`` (default ``k - 1``, at least 1).
     Padding modes other than ``'zeros'`` pad explicitly before pooling.
+
+    Raises ``ValueError`` naming the argument, its value and the valid range for a conv argument that
+    ``nn.Conv2d`` could not run with (:func:`~lightning_cheapconv.nn.record.check_conv_args`) or hidden
+    sizes outside ``1..C/groups`` and ``1..k``.
 
     Example::
 
@@ -85,23 +88,19 @@ class StructuredConv2d(StructureRecordMixin, nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride, "stride")
-        self.dilation = _pair(dilation, "dilation")
-        check_positive_ints("StructuredConv2d", in_channels=in_channels, out_channels=out_channels, groups=groups)
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(
-                f"StructuredConv2d: in_channels={in_channels} and out_channels={out_channels} "
-                f"must both be divisible by groups={groups}"
-            )
-        if min(self.kernel_size + self.stride + self.dilation) < 1:
-            raise ValueError("StructuredConv2d: kernel_size, stride and dilation must be >= 1")
-        if padding_mode not in _PADDING_MODES:
-            raise ValueError(f"StructuredConv2d: padding_mode={padding_mode!r}; valid modes are {_PADDING_MODES}")
-        if padding == "same" and self.stride != (1, 1):
-            raise ValueError("StructuredConv2d: padding='same' needs stride 1, as for nn.Conv2d")
+        self.kernel_size, self.stride, self.padding, self.dilation = check_conv_args(
+            "StructuredConv2d",
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+        )
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.padding = padding if isinstance(padding, str) else _pair(padding, "padding")
         self.padding_mode = padding_mode
         self._pad = _explicit_padding(self.padding, self.kernel_size, self.dilation)
 
@@ -110,6 +109,7 @@ class StructuredConv2d(StructureRecordMixin, nn.Module):
             hidden_channels = channels_per_group
         if hidden_kernel_size is None:
             hidden_kernel_size = tuple(max(1, k - 1) for k in self.kernel_size)
+        hidden_kernel_size = check_pair("StructuredConv2d", "hidden_kernel_size", hidden_kernel_size)
         self.spec = StructureSpec(hidden_channels, hidden_kernel_size)
         self.spec.validate((channels_per_group, *self.kernel_size), layer="StructuredConv2d")
         self.hidden_channels = hidden_channels
@@ -242,6 +242,8 @@ class StructuredLinear(StructureRecordMixin, nn.Module):
 
     From Bhalgat et al., NeurIPS 2020 (arXiv 2008.02454): the Linear case of a structured kernel
     (C = in_features, N = 1). Equals ``nn.Linear`` with weight ``A_C·alpha`` (see :meth:`to_dense`).
+    Raises ``ValueError`` for feature counts below 1, a non-bool ``bias`` or ``hidden_features`` outside
+    ``1..in_features``.
 
     Example::
 
@@ -262,6 +264,7 @@ class StructuredLinear(StructureRecordMixin, nn.Module):
     ) -> None:
         super().__init__()
         check_positive_ints("StructuredLinear", in_features=in_features, out_features=out_features)
+        check_bools("StructuredLinear", bias=bias)
         if hidden_features is None:
             hidden_features = in_features
         self.spec = StructureSpec(hidden_features, (1, 1))
