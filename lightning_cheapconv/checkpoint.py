@@ -25,7 +25,8 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.utils.hooks import RemovableHandle
 
 from .convert import replace_modules
-from .nn.record import StructureRecordMixin, build_from_record, records_equal, registered_kinds, short_repr
+from .nn.record import StructureRecordMixin, build_from_record, records_equal, registered_kinds
+from .validation import short_repr
 
 __all__ = ["Restructured", "restructure", "install_restructure_hook", "dense_from_record"]
 

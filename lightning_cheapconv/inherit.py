@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .nn.ghost import check_ghost_sizes
 from .validation import check_finite_tensor, check_instance, check_int
 
 __all__ = ["GhostFit", "check_ghost_sizes", "fit_ghost_from_kernels", "fit_ghost_from_activations", "assign_ghosts"]
@@ -40,15 +41,6 @@ class GhostFit:
     kernels: dict[int, Tensor]  # original filter index -> (d, d) depthwise kernel
     bias_shift: dict[int, float]  # original filter index -> bias of its ghost channel
     relative_error: float  # ‖fit - original‖ / ‖original‖ over all output channels
-
-
-def check_ghost_sizes(ratio: object, dw_size: object, owner: str | None = None) -> tuple[int, int]:
-    """The Ghost hyper-parameters as ints: ``ratio`` (s) an int >= 2, ``dw_size`` (d) an odd int >= 1.
-
-    Raises:
-        ValueError: naming the argument, its value and the valid range (prefixed by ``owner``).
-    """
-    return check_int("ratio", ratio, 2, owner=owner), check_int("dw_size", dw_size, 1, odd=True, owner=owner)
 
 
 def _check_conv(conv: object, name: str) -> nn.Conv2d:

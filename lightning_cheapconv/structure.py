@@ -18,7 +18,6 @@ Example::
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -26,7 +25,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from .validation import check_finite_number, check_instance, check_int, check_int_pair
+from .validation import check_finite_number, check_instance, check_int, check_int_pair, is_int
 
 __all__ = [
     "StructureSpec",
@@ -89,16 +88,12 @@ class StructureSpec:
                 raise ValueError(f"{layer}: structured {what}={value} is out of range; valid range is 1..{limit}")
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
     """A spec's kernel size: an int or a pair of ints (range checks are :meth:`StructureSpec.validate`'s)."""
-    if _is_int(value):
+    if is_int(value):
         return (int(value), int(value))
     pair = tuple(value) if isinstance(value, Sequence) else ()
-    if len(pair) != 2 or not all(_is_int(v) for v in pair):
+    if len(pair) != 2 or not all(is_int(v) for v in pair):
         raise ValueError(f"kernel_size={value!r}: expected an int or a pair of ints")
     return (int(pair[0]), int(pair[1]))
 
@@ -106,13 +101,13 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
 def _kernel_dims(shape: Sequence[int]) -> tuple[int, int, int]:
     """``(C, N_h, N_w)`` from a per-output kernel shape of 1 (Linear) or 3 (Conv2d) dims of positive ints."""
     shape = tuple(shape) if isinstance(shape, Sequence) else (shape,)
-    if len(shape) in (1, 3) and all(_is_int(d) and d >= 1 for d in shape):
+    if len(shape) in (1, 3) and all(is_int(d) and d >= 1 for d in shape):
         return (int(shape[0]), 1, 1) if len(shape) == 1 else tuple(int(d) for d in shape)  # type: ignore[return-value]
     raise ValueError(f"expected a kernel shape (C,) or (C, N_h, N_w) of positive ints, got {shape}")
 
 
 def _check_sizes(big: object, small: object) -> None:
-    if not (_is_int(big) and _is_int(small) and 1 <= small <= big):
+    if not (is_int(big) and is_int(small) and 1 <= small <= big):
         raise ValueError(f"composite basis needs ints 1 <= small <= big, got small={small!r}, big={big!r}")
 
 

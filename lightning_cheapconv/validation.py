@@ -1,5 +1,6 @@
-"""Argument checks shared by the plain API (``convert.py``, ``inherit.py``, ``structure.py``, ``complexity.py``) and
-the callbacks: one function per rule, so every message has the same shape.
+"""Argument checks shared by the plain API (``convert.py``, ``inherit.py``, ``structure.py``, ``complexity.py``), the
+callbacks and the modules under ``nn/`` (whose constructors also check structure records from checkpoints): one
+function per rule, so every message has the same shape. Plain Python and PyTorch only (no ``nn`` or Lightning import).
 
 Each check returns the value it accepted (normalized: an ``int`` for integral numbers, a ``float`` for real ones, a
 tuple of patterns) and otherwise raises ``error`` (``ValueError`` unless the caller passes its own class, as the
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "is_int",
     "check_bool",
     "check_int",
     "check_int_pair",
@@ -56,7 +58,8 @@ def _raise(error: ErrorType, owner: str | None, message: str) -> None:
     raise error(f"{owner}: {message}" if owner else message)
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """Whether ``value`` is an integral number (``int``, ``numpy.int64``, ...) but not a ``bool``."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -89,7 +92,7 @@ def check_int(
 ) -> int:
     """``int(value)`` for an integral, non-bool ``value`` in ``minimum..maximum`` (either bound optional; odd only
     with ``odd=True``). Floats, even ``2.0``, raise ``error``."""
-    valid = _is_int(value) and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+    valid = is_int(value) and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
     if not valid or (odd and value % 2 == 0):
         kind = "an odd int" if odd else "an int"
         _raise(
@@ -101,15 +104,24 @@ def check_int(
 
 
 def check_int_pair(
-    name: str, value: Any, minimum: int = 1, *, owner: str | None = None, error: ErrorType = ValueError
+    name: str,
+    value: Any,
+    minimum: int = 1,
+    maximum: int | None = None,
+    *,
+    owner: str | None = None,
+    error: ErrorType = ValueError,
 ) -> tuple[int, int]:
-    """``(h, w)`` from an int or a pair of ints, each ``>= minimum`` (a kernel size, say)."""
-    pair = (value, value) if _is_int(value) else value
-    if not (isinstance(pair, Sequence) and len(pair) == 2 and all(_is_int(v) and v >= minimum for v in pair)):
+    """``(h, w)`` from an int or a pair of ints, each in ``minimum..maximum`` (``maximum`` optional): a kernel size,
+    a stride."""
+    pair = (value, value) if is_int(value) else value
+    valid = isinstance(pair, Sequence) and len(pair) == 2 and all(is_int(v) and v >= minimum for v in pair)
+    if not valid or (maximum is not None and max(pair) > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
         _raise(
             error,
             owner,
-            f"{name}={short_repr(value)} is out of range; each side must be >= {minimum} (an int, or a pair of ints)",
+            f"{name}={short_repr(value)} is out of range; each side must be {bounds} (an int, or a pair of ints)",
         )
     return (int(pair[0]), int(pair[1]))
 

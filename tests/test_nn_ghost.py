@@ -159,13 +159,13 @@ def test_set_output_index_rejects_bad_indices(index, match):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"ratio": 1}, r"ratio=1 is out of range; valid range is an int >= 2"),
+        ({"ratio": 1}, r"GhostConv2d: ratio=1 is out of range; valid range is >= 2 \(an int\)"),
         ({"ratio": 2.5}, r"ratio=2\.5 is out of range"),
         ({"ratio": True}, r"ratio=True is out of range"),
-        ({"dw_size": 2}, r"dw_size=2 is out of range; valid values are odd ints >= 1"),
+        ({"dw_size": 2}, r"dw_size=2 is out of range; valid range is >= 1 \(an odd int\)"),
         ({"dw_size": 0}, r"dw_size=0 is out of range"),
-        ({"in_channels": 0}, "in_channels must be a positive int"),
-        ({"out_channels": 0}, "out_channels must be a positive int"),
+        ({"in_channels": 0}, r"in_channels=0 is out of range; valid range is 1\.\.\d+ \(an int\)"),
+        ({"out_channels": 0}, "out_channels=0 is out of range"),
         ({"norm_layer": lambda c: nn.BatchNorm2d(c)}, "must be a torch.nn class"),
         ({"act_layer": type("MyReLU", (nn.ReLU,), {})}, "must be a torch.nn class"),
     ],
@@ -292,7 +292,9 @@ def test_bottleneck_identity_shortcut_adds_the_input():
 
 
 def test_bottleneck_bad_arguments():
-    with pytest.raises(ValueError, match="stride=3 is out of range"):
+    with pytest.raises(ValueError, match=r"GhostBottleneck: stride=3 is out of range; valid range is 1\.\.2"):
         GhostBottleneck(8, 16, 8, stride=3)
+    with pytest.raises(ValueError, match="stride=True is out of range"):
+        GhostBottleneck(8, 16, 8, stride=True)
     with pytest.raises(ValueError, match=r"se_ratio=1\.5 is out of range"):
         GhostBottleneck(8, 16, 8, se_ratio=1.5)

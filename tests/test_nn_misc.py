@@ -67,6 +67,12 @@ def test_crelu_doubles_channels():
     torch.testing.assert_close(out[:, :5] - out[:, 5:], x)
 
 
+@pytest.mark.parametrize("dim", [True, 1.0, "1", None])
+def test_crelu_refuses_a_dim_that_is_not_an_int(dim):
+    with pytest.raises(ValueError, match=rf"CReLU: dim={dim!r} is out of range; valid range is unbounded \(an int\)"):
+        CReLU(dim=dim)
+
+
 # --- DepthwiseSeparableConv2d ------------------------------------------------------------------------------------
 
 
@@ -96,9 +102,30 @@ def test_separable_is_depthwise_then_pointwise(kwargs):
     assert sep.config()["bias"] is kwargs.get("bias", True)
 
 
-def test_separable_rejects_zero_channels():
-    with pytest.raises(ValueError, match="in_channels must be a positive int"):
-        DepthwiseSeparableConv2d(0, 4, 3)
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"in_channels": 0}, r"DepthwiseSeparableConv2d: in_channels=0 is out of range; valid range is 1\.\.\d+"),
+        ({"out_channels": True}, "out_channels=True is out of range"),
+        ({"stride": 0}, r"DepthwiseSeparableConv2d: stride=0 is out of range; each side must be in 1\.\."),
+        ({"padding": -1}, r"padding=-1 is out of range; each side must be in 0\.\."),
+        ({"padding": (1, -1)}, r"padding=\(1, -1\) is out of range"),
+        ({"dilation": (1, 0)}, r"dilation=\(1, 0\) is out of range"),
+        ({"kernel_size": (3, 3, 3)}, r"kernel_size=\(3, 3, 3\) is out of range"),
+        ({"padding": "same", "stride": 2}, "padding='same' needs stride 1"),
+        ({"bias": "no"}, "bias='no' is not a bool"),
+        ({"padding_mode": "mirror"}, "padding_mode='mirror' is not valid"),
+    ],
+)
+def test_separable_refuses_what_nn_conv2d_cannot_run(kwargs, match):
+    args = {"in_channels": 4, "out_channels": 6, "kernel_size": 3, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        DepthwiseSeparableConv2d(**args)
+
+
+def test_separable_normalizes_its_arguments():
+    sep = DepthwiseSeparableConv2d(4, 6, 3, stride=[2, 1], padding=1)
+    assert sep.config()["stride"] == (2, 1) and sep.config()["padding"] == (1, 1)
 
 
 # --- ChannelShuffle --------------------------------------------------------------------------------------------------
@@ -125,8 +152,12 @@ def test_channel_shuffle_example_and_errors():
     assert ChannelShuffle(2)(torch.arange(4.0).view(1, 4, 1, 1)).flatten().tolist() == [0.0, 2.0, 1.0, 3.0]
     with pytest.raises(ValueError, match="5 channels are not divisible by groups=2"):
         ChannelShuffle(2)(torch.randn(1, 5, 2, 2))
-    with pytest.raises(ValueError, match="groups=0 is out of range"):
+    with pytest.raises(ValueError, match=r"ChannelShuffle: groups=0 is out of range; valid range is 1\.\.\d+"):
         ChannelShuffle(0)
+    with pytest.raises(ValueError, match="ChannelShuffle: groups=True is out of range"):
+        ChannelShuffle(True)
+    with pytest.raises(ValueError, match="groups=2.0 is out of range"):
+        ChannelShuffle(2.0)
 
 
 # --- SqueezeExcite ---------------------------------------------------------------------------------------------------
@@ -149,7 +180,7 @@ def test_squeeze_excite_ghostnet_variant_and_errors():
     assert isinstance(se.gate, nn.Hardsigmoid)
     with pytest.raises(ValueError, match=r"se_ratio=0 is out of range; valid range is \(0, 1\]"):
         SqueezeExcite(8, se_ratio=0)
-    with pytest.raises(ValueError, match="channels must be a positive int"):
+    with pytest.raises(ValueError, match=r"SqueezeExcite: channels=0 is out of range; valid range is 1\.\.\d+"):
         SqueezeExcite(0)
 
 

@@ -16,6 +16,7 @@ from lightning_cheapconv.validation import (
     check_int,
     check_int_pair,
     check_patterns,
+    is_int,
     short_repr,
 )
 
@@ -36,6 +37,7 @@ class CallbackError(Exception):
         (lambda: check_int_pair("k", 3), (3, 3)),
         (lambda: check_int_pair("k", (1, 2)), (1, 2)),
         (lambda: check_int_pair("k", [0, 0], 0), (0, 0)),
+        (lambda: check_int_pair("k", (np.int64(2), 8), 1, 8), (2, 8)),
         (lambda: check_finite_number("r", 1, 0, 1, exclusive_minimum=True), 1.0),
         (lambda: check_finite_number("r", 0.0, 0), 0.0),
         (lambda: check_finite_number("r", np.float32(0.5), maximum=1), 0.5),
@@ -75,6 +77,14 @@ def test_accepted_values_come_back_normalized(call, expected):
         ),
         (lambda **kw: check_int_pair("kernel_size", (1, 2, 3), **kw), "kernel_size=(1, 2, 3) is out of range"),
         (lambda **kw: check_int_pair("kernel_size", (0, 2), **kw), "kernel_size=(0, 2) is out of range"),
+        (
+            lambda **kw: check_int_pair("stride", (1, 9), 1, 8, **kw),
+            "stride=(1, 9) is out of range; each side must be in 1..8 (an int, or a pair of ints)",
+        ),
+        (
+            lambda **kw: check_int_pair("padding", -1, 0, 8, **kw),
+            "padding=-1 is out of range; each side must be in 0..8 (an int, or a pair of ints)",
+        ),
         (
             lambda **kw: check_finite_number("channel_ratio", 0, 0, 1, exclusive_minimum=True, **kw),
             "channel_ratio=0 is out of range; valid range is (0, 1] (a finite number)",
@@ -118,6 +128,11 @@ def test_messages_name_argument_value_and_range_with_owner_and_error_class(call,
     with pytest.raises(CallbackError) as info:
         call(owner="GhostConvCallback", error=CallbackError)
     assert str(info.value).startswith(f"GhostConvCallback: {message}")
+
+
+def test_is_int_means_integral_but_not_bool():
+    assert is_int(3) and is_int(np.int64(-1)) and is_int(10**30)
+    assert not any(is_int(v) for v in (True, np.bool_(True), 2.0, "3", None, torch.tensor(3)))
 
 
 def test_finite_tensors_pass_whatever_their_dtype():

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..validation import check_int
 from .record import StructureRecordMixin, register_kind
 
 __all__ = ["CReLU"]
@@ -27,7 +28,7 @@ class CReLU(StructureRecordMixin, nn.Module):
 
     def __init__(self, dim: int = 1) -> None:
         super().__init__()
-        self.dim = dim
+        self.dim = check_int("dim", dim, owner="CReLU")
 
     def config(self) -> dict[str, Any]:
         return {"dim": self.dim}

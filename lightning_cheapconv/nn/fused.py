@@ -46,12 +46,10 @@ class FusedConv2d(StructureRecordMixin, nn.Conv2d):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        kernel_size, stride, padding, dilation = check_conv_args(
+        args = check_conv_args(
             "FusedConv2d", in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode
         )
-        super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
-        )
+        super().__init__(*args, device=device, dtype=dtype)
 
     def config(self) -> dict[str, Any]:
         return conv_config(self)
@@ -74,8 +72,7 @@ class FoldedBatchNorm(StructureRecordMixin, nn.Module):
 
     def __init__(self, num_features: int) -> None:
         super().__init__()
-        check_positive_ints("FoldedBatchNorm", num_features=num_features)
-        self.num_features = num_features
+        (self.num_features,) = check_positive_ints("FoldedBatchNorm", num_features=num_features)
 
     def config(self) -> dict[str, Any]:
         return {"num_features": self.num_features}

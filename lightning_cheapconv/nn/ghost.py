@@ -9,12 +9,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .record import StructureRecordMixin, check_bools, check_conv_args, register_kind, short_repr
+from ..validation import check_bool, check_finite_number, check_int, short_repr
+from .record import StructureRecordMixin, check_conv_args, register_kind
 from .squeeze_excite import SqueezeExcite
 
-__all__ = ["GhostConv2d", "GhostBottleneck"]
+__all__ = ["GhostConv2d", "GhostBottleneck", "check_ghost_sizes"]
 
 LayerFactory = Callable[[int], nn.Module]
+
+
+def check_ghost_sizes(ratio: object, dw_size: object, owner: str | None = None) -> tuple[int, int]:
+    """The Ghost hyper-parameters as ints: ``ratio`` (s) an int >= 2, ``dw_size`` (d) an odd int >= 1.
+
+    Raises:
+        ValueError: naming the argument, its value and the valid range (prefixed by ``owner``).
+    """
+    return check_int("ratio", ratio, 2, owner=owner), check_int("dw_size", dw_size, 1, odd=True, owner=owner)
 
 
 def _layer_name(factory: LayerFactory | type[nn.Module] | None) -> str | None:
@@ -55,7 +65,8 @@ class GhostConv2d(StructureRecordMixin, nn.Module):
 
     Raises ``ValueError`` naming the argument, its value and the valid range for a conv argument
     that ``nn.Conv2d`` could not run with (:func:`~lightning_cheapconv.nn.record.check_conv_args`),
-    a ``ratio`` below 2, an even ``dw_size``, or a ``norm_layer``/``act_layer`` not from ``torch.nn``.
+    a ``ratio`` below 2 or an even ``dw_size`` (:func:`check_ghost_sizes`), or a ``norm_layer``/``act_layer``
+    not from ``torch.nn``.
 
     Example::
 
@@ -83,14 +94,11 @@ class GhostConv2d(StructureRecordMixin, nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        kernel_size, stride, padding, dilation = check_conv_args(
+        in_channels, out_channels, kernel_size, stride, padding, dilation, _, bias, padding_mode = check_conv_args(
             "GhostConv2d", in_channels, out_channels, kernel_size, stride, padding, dilation, 1, bias, padding_mode
         )
-        check_bools("GhostConv2d", permuted=permuted)
-        if not isinstance(ratio, int) or isinstance(ratio, bool) or ratio < 2:
-            raise ValueError(f"GhostConv2d: ratio={ratio!r} is out of range; valid range is an int >= 2")
-        if not isinstance(dw_size, int) or isinstance(dw_size, bool) or dw_size < 1 or dw_size % 2 == 0:
-            raise ValueError(f"GhostConv2d: dw_size={dw_size!r} is out of range; valid values are odd ints >= 1")
+        check_bool("permuted", permuted, owner="GhostConv2d")
+        ratio, dw_size = check_ghost_sizes(ratio, dw_size, owner="GhostConv2d")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.ratio, self.dw_size = ratio, dw_size
         self.norm_name, self.act_name = _layer_name(norm_layer), _layer_name(act_layer)
@@ -236,10 +244,8 @@ class GhostBottleneck(nn.Module):
         act_layer: type[nn.Module] = nn.ReLU,
     ) -> None:
         super().__init__()
-        if stride not in (1, 2):
-            raise ValueError(f"GhostBottleneck: stride={stride} is out of range; valid values are 1 and 2")
-        if not 0.0 <= se_ratio <= 1.0:
-            raise ValueError(f"GhostBottleneck: se_ratio={se_ratio} is out of range; valid range is [0, 1]")
+        stride = check_int("stride", stride, 1, 2, owner="GhostBottleneck")
+        se_ratio = check_finite_number("se_ratio", se_ratio, 0, 1, owner="GhostBottleneck")
         self.stride = stride
         self.ghost1 = GhostConv2d(in_channels, mid_channels, 1, norm_layer=nn.BatchNorm2d, act_layer=act_layer)
         if stride > 1:

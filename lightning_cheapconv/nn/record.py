@@ -10,14 +10,15 @@ completely (by the constructors' own rules, below) before it builds anything.
 from __future__ import annotations
 
 import inspect
-import reprlib
 from collections.abc import Mapping
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
+
+from ..validation import check_bool, check_choice, check_int, check_int_pair, is_int, short_repr
 
 __all__ = [
     "StructureRecordMixin",
@@ -26,26 +27,15 @@ __all__ = [
     "registered_kinds",
     "conv_config",
     "check_positive_ints",
-    "check_bools",
-    "check_pair",
     "check_conv_args",
+    "ConvArgs",
+    "MAX_SIZE",
     "PADDING_MODES",
-    "short_repr",
 ]
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _PADDING_STRINGS = ("same", "valid")
-_MAX_SIZE = torch.iinfo(torch.int64).max  # no tensor dimension, stride or padding is larger
-_REPR = reprlib.Repr()
-_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = 8
-_REPR.maxstring = _REPR.maxother = 60
-
-
-def short_repr(value: Any) -> str:
-    """``repr`` for error messages, cut short: values come from checkpoints too, and a list of a million entries
-    is shown as its first few."""
-    return _REPR.repr(value)
-
+MAX_SIZE = torch.iinfo(torch.int64).max  # no tensor dimension, stride or padding is larger
 
 _KINDS: dict[str, type[StructureRecordMixin]] = {}
 
@@ -60,41 +50,29 @@ def registered_kinds() -> tuple[str, ...]:
     return tuple(sorted(_KINDS))
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def check_positive_ints(owner: str, **values: Any) -> None:
-    """Raise ``ValueError`` naming ``owner`` and the argument unless every value is an int in ``1..2**63 - 1``
-    (bools refused)."""
-    for name, value in values.items():
-        if not _is_int(value) or not 1 <= value <= _MAX_SIZE:
-            raise ValueError(
-                f"{owner}: {name} must be a positive int (valid range: 1..{_MAX_SIZE}), got {short_repr(value)}"
-            )
-
-
-def check_bools(owner: str, **values: Any) -> None:
-    """Raise ``ValueError`` naming ``owner`` and the argument unless every value is ``True`` or ``False``."""
-    for name, value in values.items():
-        if not isinstance(value, bool):
-            raise ValueError(f"{owner}: {name} must be True or False, got {short_repr(value)}")
-
-
-def check_pair(owner: str, name: str, value: Any, minimum: int = 1) -> tuple[int, int]:
-    """``(h, w)`` from an int or a pair (tuple or list) of ints, each in ``minimum..2**63 - 1``; bools refused.
+def check_positive_ints(owner: str, **values: Any) -> tuple[int, ...]:
+    """Sizes of a module (channels, features, groups), each an int in ``1..MAX_SIZE`` (bools refused), as plain
+    ``int`` (a record holds primitives only, so ``numpy.int64(4)`` is stored as ``4``), in the order given.
 
     Raises:
-        ValueError: naming ``owner``, ``name``, the value and the valid range.
+        ValueError: naming ``owner``, the argument, its value and the valid range
+            (:func:`~lightning_cheapconv.validation.check_int`).
     """
-    pair = (value, value) if _is_int(value) else value
-    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_is_int(v) for v in pair)):
-        raise ValueError(f"{owner}: {name} must be an int or a pair of ints, got {short_repr(value)}")
-    if min(pair) < minimum:
-        raise ValueError(f"{owner}: {name}={short_repr(value)} is out of range; each value must be >= {minimum}")
-    if max(pair) > _MAX_SIZE:
-        raise ValueError(f"{owner}: {name}={short_repr(value)} is out of range; each value must be <= {_MAX_SIZE}")
-    return (pair[0], pair[1])
+    return tuple(check_int(name, value, 1, MAX_SIZE, owner=owner) for name, value in values.items())
+
+
+class ConvArgs(NamedTuple):
+    """``nn.Conv2d``'s constructor arguments, checked and normalized by :func:`check_conv_args`."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: str | tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    bias: bool
+    padding_mode: str
 
 
 def check_conv_args(
@@ -108,41 +86,42 @@ def check_conv_args(
     groups: Any,
     bias: Any,
     padding_mode: Any,
-) -> tuple[tuple[int, int], tuple[int, int], str | tuple[int, int], tuple[int, int]]:
+) -> ConvArgs:
     """Check ``nn.Conv2d``'s constructor arguments by the rules its forward relies on (``nn.Conv2d`` itself
     accepts a stride of 0 or a negative padding and fails only when called).
 
     Channels and groups are positive ints and ``groups`` divides both channel counts; kernel size, stride
     and dilation are positive ints or pairs of them; padding is ``'same'`` (stride 1 only), ``'valid'``, or
-    a non-negative int or pair; ``bias`` is a bool; ``padding_mode`` one of :data:`PADDING_MODES`.
+    a non-negative int or pair; ``bias`` is a bool; ``padding_mode`` one of :data:`PADDING_MODES`. Sizes are
+    at most :data:`MAX_SIZE`.
 
     Returns:
-        ``(kernel_size, stride, padding, dilation)`` with pairs as tuples (a padding string stays a string).
+        The arguments in ``nn.Conv2d``'s order, sizes as plain ints and pairs as tuples (a padding string stays
+        a string), so ``nn.Conv2d(*check_conv_args(...))`` builds the conv.
 
     Raises:
         ValueError: naming ``owner``, the argument, its value and the valid range.
     """
-    check_positive_ints(owner, in_channels=in_channels, out_channels=out_channels, groups=groups)
+    in_channels, out_channels, groups = check_positive_ints(
+        owner, in_channels=in_channels, out_channels=out_channels, groups=groups
+    )
     if in_channels % groups or out_channels % groups:
         raise ValueError(
             f"{owner}: in_channels={in_channels} and out_channels={out_channels} "
             f"must both be divisible by groups={groups}"
         )
-    kernel = check_pair(owner, "kernel_size", kernel_size)
-    strides = check_pair(owner, "stride", stride)
-    dilations = check_pair(owner, "dilation", dilation)
+    kernel = check_int_pair("kernel_size", kernel_size, 1, MAX_SIZE, owner=owner)
+    strides = check_int_pair("stride", stride, 1, MAX_SIZE, owner=owner)
+    dilations = check_int_pair("dilation", dilation, 1, MAX_SIZE, owner=owner)
     if isinstance(padding, str):
-        if padding not in _PADDING_STRINGS:
-            raise ValueError(f"{owner}: padding={short_repr(padding)}; valid strings are {_PADDING_STRINGS}")
+        pads: str | tuple[int, int] = check_choice("padding", padding, _PADDING_STRINGS, owner=owner)
         if padding == "same" and strides != (1, 1):
             raise ValueError(f"{owner}: padding='same' needs stride 1, as for nn.Conv2d")
-        pads: str | tuple[int, int] = padding
     else:
-        pads = check_pair(owner, "padding", padding, minimum=0)
-    check_bools(owner, bias=bias)
-    if not any(padding_mode == mode for mode in PADDING_MODES):
-        raise ValueError(f"{owner}: padding_mode={short_repr(padding_mode)}; valid modes are {PADDING_MODES}")
-    return kernel, strides, pads, dilations
+        pads = check_int_pair("padding", padding, 0, MAX_SIZE, owner=owner)
+    check_bool("bias", bias, owner=owner)
+    check_choice("padding_mode", padding_mode, PADDING_MODES, owner=owner)
+    return ConvArgs(in_channels, out_channels, kernel, strides, pads, dilations, groups, bias, padding_mode)
 
 
 def conv_config(conv: nn.Module) -> dict[str, Any]:
@@ -174,12 +153,11 @@ def records_equal(a: dict, b: dict) -> bool:
 
 
 def _check_version(cls: type[StructureRecordMixin], version: Any) -> None:
-    if _is_int(version) and version > cls.record_version:
+    if is_int(version) and version > cls.record_version:
         raise ValueError(
             f"record version {version} is newer than this library's ({cls.record_version}); upgrade lightning-cheapconv"
         )
-    if not _is_int(version) or version < 1:
-        raise ValueError(f"version={short_repr(version)} is out of range; valid range is 1..{cls.record_version}")
+    check_int("version", version, 1, cls.record_version)
 
 
 def _check_fields(cls: type[StructureRecordMixin], record: dict) -> None:

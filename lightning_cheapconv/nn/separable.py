@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .record import StructureRecordMixin, check_positive_ints, register_kind
+from .record import StructureRecordMixin, check_conv_args, register_kind
 
 __all__ = ["DepthwiseSeparableConv2d"]
 
@@ -17,7 +17,9 @@ class DepthwiseSeparableConv2d(StructureRecordMixin, nn.Module):
     """A depthwise ``k x k`` conv (one filter per input channel) followed by a pointwise 1x1 conv.
 
     From MobileNets (Howard et al., 2017). Bias-free, it has ``C_in·k² + C_in·C_out`` weights
-    against ``C_in·C_out·k²`` for the standard conv: a ratio of ``1/C_out + 1/k²``.
+    against ``C_in·C_out·k²`` for the standard conv: a ratio of ``1/C_out + 1/k²``. Its arguments are
+    ``nn.Conv2d``'s (without ``groups``), checked by :func:`~lightning_cheapconv.nn.record.check_conv_args`
+    (``ValueError`` for a value ``nn.Conv2d`` could not run with, such as a stride of 0 or a negative padding).
 
     Example::
 
@@ -40,21 +42,15 @@ class DepthwiseSeparableConv2d(StructureRecordMixin, nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_positive_ints("DepthwiseSeparableConv2d", in_channels=in_channels, out_channels=out_channels)
-        factory = {"device": device, "dtype": dtype}
-        self.depthwise = nn.Conv2d(
-            in_channels,
-            in_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            in_channels,
-            False,
-            padding_mode,
-            **factory,
+        owner = type(self).__name__
+        args = check_conv_args(
+            owner, in_channels, out_channels, kernel_size, stride, padding, dilation, 1, bias, padding_mode
         )
-        self.pointwise = nn.Conv2d(in_channels, out_channels, 1, bias=bias, **factory)
+        factory = {"device": device, "dtype": dtype}
+        # One bias-free filter per input channel; the pointwise conv carries the bias.
+        depthwise = args._replace(out_channels=args.in_channels, groups=args.in_channels, bias=False)
+        self.depthwise = nn.Conv2d(*depthwise, **factory)
+        self.pointwise = nn.Conv2d(args.in_channels, args.out_channels, 1, bias=args.bias, **factory)
 
     def config(self) -> dict[str, Any]:
         dw = self.depthwise

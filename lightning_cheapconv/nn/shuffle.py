@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .record import StructureRecordMixin, register_kind
+from .record import StructureRecordMixin, check_positive_ints, register_kind
 
 __all__ = ["ChannelShuffle"]
 
@@ -26,9 +26,7 @@ class ChannelShuffle(StructureRecordMixin, nn.Module):
 
     def __init__(self, groups: int) -> None:
         super().__init__()
-        if not isinstance(groups, int) or groups < 1:
-            raise ValueError(f"ChannelShuffle: groups={groups!r} is out of range; valid range is an int >= 1")
-        self.groups = groups
+        (self.groups,) = check_positive_ints("ChannelShuffle", groups=groups)
 
     def config(self) -> dict[str, Any]:
         return {"groups": self.groups}

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..validation import check_finite_number
 from .functional import make_divisible
 from .record import StructureRecordMixin, check_positive_ints, register_kind
 
@@ -36,9 +37,8 @@ class SqueezeExcite(StructureRecordMixin, nn.Module):
         gate_layer: type[nn.Module] = nn.Sigmoid,
     ) -> None:
         super().__init__()
-        check_positive_ints("SqueezeExcite", channels=channels)
-        if not 0.0 < se_ratio <= 1.0:
-            raise ValueError(f"SqueezeExcite: se_ratio={se_ratio} is out of range; valid range is (0, 1]")
+        (channels,) = check_positive_ints("SqueezeExcite", channels=channels)
+        check_finite_number("se_ratio", se_ratio, 0, 1, exclusive_minimum=True, owner="SqueezeExcite")
         if divisor > 1:
             reduced = make_divisible(channels * se_ratio, divisor)
         else:

@@ -11,25 +11,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..structure import StructureSpec, from_alpha, to_alpha
+from ..validation import check_bool, check_int_pair
 from .functional import window_sum, window_sum_additions
-from .record import (
-    StructureRecordMixin,
-    check_bools,
-    check_conv_args,
-    check_pair,
-    check_positive_ints,
-    conv_config,
-    register_kind,
-)
+from .record import MAX_SIZE, StructureRecordMixin, check_conv_args, check_positive_ints, conv_config, register_kind
 
 __all__ = ["StructuredConv2d", "StructuredLinear"]
+
+_Layer = TypeVar("_Layer", bound=nn.Module)
 
 
 def _explicit_padding(
@@ -44,6 +40,21 @@ def _explicit_padding(
         return (total_w // 2, total_w - total_w // 2, total_h // 2, total_h - total_h // 2)
     pad_h, pad_w = padding
     return (pad_w, pad_w, pad_h, pad_h)
+
+
+def _check_dense(owner: str, dense: object, cls: type[nn.Module]) -> None:
+    """Raise ``ValueError`` naming ``owner`` unless ``dense`` is an initialized (not lazy) ``cls``."""
+    if not isinstance(dense, cls) or isinstance(dense, LazyModuleMixin):
+        raise ValueError(f"{owner} expects an initialized nn.{cls.__name__}, got {type(dense).__name__}")
+
+
+def _copy_weights(layer: _Layer, weight: Tensor, bias: Tensor | None) -> _Layer:
+    """``layer`` with ``weight`` (cast to its dtype) and, when given, ``bias`` copied in."""
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
 
 
 @register_kind
@@ -88,19 +99,12 @@ class StructuredConv2d(StructureRecordMixin, nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.kernel_size, self.stride, self.padding, self.dilation = check_conv_args(
-            "StructuredConv2d",
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            padding_mode,
+        owner = type(self).__name__
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode = check_conv_args(
+            owner, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode
         )
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
         self.padding_mode = padding_mode
         self._pad = _explicit_padding(self.padding, self.kernel_size, self.dilation)
 
@@ -109,9 +113,9 @@ class StructuredConv2d(StructureRecordMixin, nn.Module):
             hidden_channels = channels_per_group
         if hidden_kernel_size is None:
             hidden_kernel_size = tuple(max(1, k - 1) for k in self.kernel_size)
-        hidden_kernel_size = check_pair("StructuredConv2d", "hidden_kernel_size", hidden_kernel_size)
+        hidden_kernel_size = check_int_pair("hidden_kernel_size", hidden_kernel_size, 1, MAX_SIZE, owner=owner)
         self.spec = StructureSpec(hidden_channels, hidden_kernel_size)
-        self.spec.validate((channels_per_group, *self.kernel_size), layer="StructuredConv2d")
+        self.spec.validate((channels_per_group, *self.kernel_size), layer=owner)
         self.hidden_channels = hidden_channels
         self.hidden_kernel_size = self.spec.kernel_size
 
@@ -187,8 +191,7 @@ class StructuredConv2d(StructureRecordMixin, nn.Module):
         The result equals ``conv`` with its weight replaced by the projected kernel (exactly, up to
         float rounding); how far the weight moved is :func:`~lightning_cheapconv.structure.structural_residual`.
         """
-        if not isinstance(conv, nn.Conv2d) or isinstance(conv, nn.modules.lazy.LazyModuleMixin):
-            raise ValueError(f"StructuredConv2d.from_dense expects an initialized nn.Conv2d, got {type(conv).__name__}")
+        _check_dense("StructuredConv2d.from_dense", conv, nn.Conv2d)
         weight = conv.weight
         layer = cls(
             **conv_config(conv),
@@ -197,11 +200,7 @@ class StructuredConv2d(StructureRecordMixin, nn.Module):
             device=weight.device,
             dtype=weight.dtype,
         )
-        with torch.no_grad():
-            layer.weight.copy_(to_alpha(weight.detach().double(), layer.spec))
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        return layer
+        return _copy_weights(layer, to_alpha(weight.detach().double(), layer.spec), conv.bias)
 
     def dense_weight(self) -> Tensor:
         """The equivalent dense kernel ``W = A·alpha`` of shape ``(O, C/groups, k_h, k_w)`` (differentiable)."""
@@ -209,17 +208,9 @@ class StructuredConv2d(StructureRecordMixin, nn.Module):
 
     def to_dense(self) -> nn.Conv2d:
         """Fold back into an equivalent ``nn.Conv2d`` (same configuration, kernel ``A·alpha``)."""
-        conv = nn.Conv2d(
-            **conv_config(self),
-            device=self.weight.device,
-            dtype=self.weight.dtype,
-        )
-        with torch.no_grad():
-            alpha = self.weight.detach().double()
-            conv.weight.copy_(from_alpha(alpha, (self.in_channels // self.groups, *self.kernel_size)))
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
+        conv = nn.Conv2d(**conv_config(self), device=self.weight.device, dtype=self.weight.dtype)
+        dense = from_alpha(self.weight.detach().double(), (self.in_channels // self.groups, *self.kernel_size))
+        return _copy_weights(conv, dense, self.bias)
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
@@ -263,8 +254,10 @@ class StructuredLinear(StructureRecordMixin, nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_positive_ints("StructuredLinear", in_features=in_features, out_features=out_features)
-        check_bools("StructuredLinear", bias=bias)
+        in_features, out_features = check_positive_ints(
+            "StructuredLinear", in_features=in_features, out_features=out_features
+        )
+        check_bool("bias", bias, owner="StructuredLinear")
         if hidden_features is None:
             hidden_features = in_features
         self.spec = StructureSpec(hidden_features, (1, 1))
@@ -305,10 +298,7 @@ class StructuredLinear(StructureRecordMixin, nn.Module):
     @classmethod
     def from_dense(cls, linear: nn.Linear, hidden_features: int | None = None) -> StructuredLinear:
         """Project ``linear``'s weight onto the structured subspace and return the decomposed layer."""
-        if not isinstance(linear, nn.Linear) or isinstance(linear, nn.modules.lazy.LazyModuleMixin):
-            raise ValueError(
-                f"StructuredLinear.from_dense expects an initialized nn.Linear, got {type(linear).__name__}"
-            )
+        _check_dense("StructuredLinear.from_dense", linear, nn.Linear)
         weight = linear.weight
         layer = cls(
             linear.in_features,
@@ -318,11 +308,7 @@ class StructuredLinear(StructureRecordMixin, nn.Module):
             device=weight.device,
             dtype=weight.dtype,
         )
-        with torch.no_grad():
-            layer.weight.copy_(to_alpha(weight.detach().double(), layer.spec))
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        return layer
+        return _copy_weights(layer, to_alpha(weight.detach().double(), layer.spec), linear.bias)
 
     def dense_weight(self) -> Tensor:
         """The equivalent dense weight ``A_C·alpha`` of shape ``(out_features, in_features)``."""
@@ -337,11 +323,7 @@ class StructuredLinear(StructureRecordMixin, nn.Module):
             device=self.weight.device,
             dtype=self.weight.dtype,
         )
-        with torch.no_grad():
-            linear.weight.copy_(from_alpha(self.weight.detach().double(), (self.in_features,)))
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return _copy_weights(linear, from_alpha(self.weight.detach().double(), (self.in_features,)), self.bias)
 
     def extra_repr(self) -> str:
         return (
