@@ -30,12 +30,16 @@ class GhostConvCallback(CheapConvCallback):
     Schedule: the selected layers are split into ``stages`` groups in ``order`` and converted at
     epochs spread evenly from ``start_epoch`` to ``end_epoch`` (default: one stage per epoch).
     Conversion at epoch 0 happens in ``setup``, before DDP wrapping and ``configure_optimizers``.
-    Later stages convert at the start of their epoch (after ``calibration_batches`` batches when
-    calibrating): new modules are built on the model's device and dtype, made identical on every
+    Later stages convert at the start of their epoch (or of the batch of their optimizer step; with
+    calibration, once ``calibration_batches`` training forwards were recorded): new modules are built
+    on the model's device and dtype, made identical on every
     rank, swapped in, the live optimizer is edited in place (old parameters and their state out,
     new ones in the same group at the same position, in the order a fresh ``configure_optimizers``
-    would list them, so LR schedulers continue and a resumed run lines its optimizer state up),
-    and DDP is wrapped again. Single-device and ``strategy="ddp"`` runs are supported;
+    would list them, so LR schedulers continue), the copies kept by weight-averaging callbacks (SWA,
+    EMA) get the same change, and DDP is wrapped again. New parameters take ``requires_grad`` from
+    the weights they replace. A resumed run restores optimizer state by parameter name, whatever
+    layout its ``configure_optimizers`` gives the converted model. Layers already Ghost modules (a
+    second ``fit``) count as done. Single-device and ``strategy="ddp"`` runs are supported;
     FSDP/DeepSpeed (which shard the weights) and spawn launchers (``ddp_spawn``, which lose
     architecture changes) are refused at setup. To train a Ghost network under FSDP, convert it
     before ``fit`` with :func:`lightning_cheapconv.convert_to_ghost`.
@@ -51,15 +55,21 @@ class GhostConvCallback(CheapConvCallback):
         ratio: s, an int >= 2 (``m = ceil(out/s)`` intrinsic maps).
         dw_size: d, an odd int >= 1 (the cheap depthwise kernel).
         init: ``"inherit"`` (map the trained weights) or ``"random"``.
-        calibration_batches: training batches whose inputs fit the inheritance on real activations and,
-            after the conversion, re-estimate the BatchNorm statistics (0: kernel-space fit, statistics
-            left to training).
-        start_epoch, end_epoch: first and last conversion epochs (``end_epoch`` defaults to
-            ``start_epoch + stages - 1``).
+        calibration_batches: training batches whose forward inputs (exactly what ``forward`` received in
+            ``training_step``) fit the inheritance on real activations and, after the conversion, re-estimate
+            the BatchNorm statistics (0: kernel-space fit, statistics left to training).
+        start_epoch, end_epoch: first and last conversion epochs (default 0 and ``start_epoch + stages - 1``).
         stages: number of groups converted at different epochs.
         order: ``"deep_first"`` or ``"shallow_first"``.
         skip_first, skip_last: keep the stem and the classifier as they are (the paper's setting).
         verbose: 0 silent, 1 a line per stage and the report, 2 per-layer details.
+        start_step, end_step: the schedule in optimizer steps (``trainer.global_step``) instead of epochs;
+            give epochs or steps, not both. A stage the fit does not reach warns at the start of training.
+
+    Raises:
+        MisconfigurationException: an argument out of its range (the message names it, its value and the range);
+            at setup, no layer to convert, a sharded strategy or spawn launcher with stages after epoch 0, or
+            Lightning's ``ModelPruning`` in the same Trainer.
 
     Example::
 

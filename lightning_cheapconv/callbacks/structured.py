@@ -59,13 +59,21 @@ class StructuredConvCallback(CheapConvCallback):
         reg_schedule: warm-up epochs (λ ramps linearly from 0 to ``reg_weight``), or a callable
             ``epoch -> λ`` that replaces the ramp.
         project_start_epoch, project_end_epoch: the projection stages. ``None`` means 50% and 75% of
-            ``max_epochs``; without ``max_epochs``, projection happens at fit end only.
+            ``max_epochs``; a run bounded by ``max_steps`` only gets the window at 50% and 75% of ``max_steps``
+            (in steps); an unbounded run is projected at fit end only (with a warning). Stages the fit does not
+            reach warn at the start of training.
         project_order: ``"deep_first"`` or ``"shallow_first"``.
         decompose_on_fit_end: replace layers by their decomposed form when fit ends.
         export_path: where to save the decomposed model's state dict (self-describing; load it with
             :func:`lightning_cheapconv.restructure`).
         skip_first, skip_last: keep the stem and the classifier dense (the papers' default).
         verbose: 0 silent, 1 summary and report, 2 per-layer details.
+        project_start_step, project_end_step: the projection window in optimizer steps (``trainer.global_step``)
+            instead of epochs, one stage per step until every layer is projected; epochs or steps, not both.
+
+    Raises:
+        MisconfigurationException: an argument out of its range (the message names it, its value and the range);
+            at setup, no layer to convert, a sharded strategy or spawn launcher, or Lightning's ``ModelPruning``.
 
     Example::
 
@@ -111,7 +119,7 @@ class StructuredConvCallback(CheapConvCallback):
         check_bool("decompose_on_fit_end", decompose_on_fit_end, owner=who, error=error)
         if export_path is not None:
             check_instance("export_path", export_path, (str, Path), owner=who, error=error)
-        self.unit, self.project_start, self.project_end = schedule_window(
+        self._given_unit, self.project_start, self.project_end = schedule_window(
             who, "project_", project_start_epoch, project_end_epoch, project_start_step, project_end_step
         )
         self.channel_ratio, self.kernel_reduction, self.kernel_size = channel_ratio, kernel_reduction, kernel_size
@@ -190,6 +198,7 @@ class StructuredConvCallback(CheapConvCallback):
         """First and last projection stage, in :attr:`unit`: given, or 50% and 75% of ``max_epochs`` (epochs),
         else of ``max_steps`` (steps). ``None`` (with a warning) when neither bounds the fit."""
         start, end = self.project_start, self.project_end
+        self.unit = self._given_unit
         if start is None or end is None:
             max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else None
             max_steps = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps > 0 else None
