@@ -25,6 +25,7 @@ RUNS = {
     "latency_compiled": ("latency", ["--compile", "--repeats", "15"]),
     "accuracy": ("accuracy", []),
     "overhead": ("overhead", []),
+    "memory": ("memory", []),
 }
 OUTPUT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 HEADER = """\

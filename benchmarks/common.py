@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -38,6 +39,15 @@ def command(module: str, argv: list[str] | None) -> str:
     return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
+def measured_on(name: str) -> str:
+    """The machine line of the saved section ``name``: where results re-rendered from saved data were measured."""
+    text = (RESULTS / f"{name}.md").read_text()
+    match = re.search(r"^`[^`\n]*` on (.+)$", text, re.MULTILINE)
+    if match is None:
+        raise ValueError(f"{RESULTS / f'{name}.md'} has no machine line")
+    return match.group(1)
+
+
 @dataclass
 class Section:
     """One table of BENCHMARKS.md: its text, the command and machine that produced it, and missed targets."""
@@ -47,9 +57,10 @@ class Section:
     body: str
     command: str
     missed: list[str] = field(default_factory=list)
+    machine: str = field(default_factory=machine)
 
     def markdown(self) -> str:
-        return f"## {self.title}\n\n`{self.command}` on {machine()}\n\n{self.body.strip()}\n"
+        return f"## {self.title}\n\n`{self.command}` on {self.machine}\n\n{self.body.strip()}\n"
 
     def save(self) -> Path:
         RESULTS.mkdir(exist_ok=True)

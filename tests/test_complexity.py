@@ -428,3 +428,77 @@ def test_report_rows_on_one_side_max_rows_and_no_print() -> None:
     table = compression_report(before, after, console=console, per_layer=False, print_table=False)
     assert console.export_text() == ""
     assert table.row_count == 1
+
+
+# ---------------------------------------------------------------------------------------------- groups, by hand
+
+
+def test_grouped_and_depthwise_layers_count_by_hand() -> None:
+    """MACs = out_channels · (in_channels / groups) · k_h · k_w · H_out · W_out · batch, written out: a count that
+    ignored ``groups`` would make every grouped row ``groups`` times larger."""
+    model = nn.Sequential(
+        nn.Conv2d(8, 16, 3, padding=1, groups=4, bias=False),  # grouped, out 10x10
+        nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False),  # depthwise
+        nn.Conv2d(16, 32, 5, stride=2, padding=2, groups=16, bias=False),  # depth multiplier 2, out 5x5
+        StructuredConv2d(32, 32, 3, padding=1, groups=4, bias=False, hidden_channels=4, hidden_kernel_size=2),
+        StructuredConv2d(32, 32, 3, padding=1, groups=32, bias=False, hidden_channels=1, hidden_kernel_size=2),
+        DepthwiseSeparableConv2d(32, 8, 3, padding=1, bias=False),
+        GhostConv2d(8, 12, 1, ratio=3, dw_size=3),  # m = 4 intrinsic maps; 8 ghosts from a depthwise 3x3 conv
+    )
+    c = count_complexity(model, (2, 8, 10, 10))
+    by_name = {r.name: (r.params, r.macs) for r in c.rows}
+    assert by_name == {
+        "0": (16 * 2 * 9, 16 * 2 * 9 * 100 * 2),
+        "1": (16 * 1 * 9, 16 * 1 * 9 * 100 * 2),
+        "2": (32 * 1 * 25, 32 * 1 * 25 * 25 * 2),
+        "3": (32 * 4 * 4, 32 * 4 * 4 * 25 * 2),  # per group: C = 8 -> c = 4, 3x3 -> 2x2
+        "4": (32 * 1 * 4, 32 * 1 * 4 * 25 * 2),  # C = 1: spatial structure only
+        "5": (32 * 9 + 8 * 32, (32 * 1 * 9 + 8 * 32) * 25 * 2),
+        "6": (4 * 8 + 8 * 9, (4 * 8 + 8 * 1 * 9) * 25 * 2),
+    }
+    assert c.macs == sum(macs for _, macs in by_name.values())
+
+
+def test_decompose_structured_counts_grouped_layers_per_group() -> None:
+    """The per-position multiplications a conversion reports, and the counted MACs after it, for grouped and
+    depthwise 3x3 convs at c = C/2 per group (C = 4 -> 2; C = 1 stays 1) and n = 2."""
+    from lightning_cheapconv.convert import decompose_structured
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),  # the stem: kept
+        nn.Conv2d(16, 16, 3, padding=1, groups=4),
+        nn.Conv2d(16, 16, 3, padding=1, groups=16),
+        nn.Conv2d(16, 10, 1),  # the last layer: kept
+    )
+    result = decompose_structured(model, channel_ratio=0.5)
+    per_position = {c.name: (c.macs_per_position_before, c.macs_per_position_after) for c in result.changes}
+    assert per_position == {"1": (16 * 4 * 9, 16 * 2 * 4), "2": (16 * 1 * 9, 16 * 1 * 4)}
+    assert result.layer_macs_ratio == pytest.approx((576 + 144) / (128 + 64))
+    rows = count_complexity(model, (1, 3, 6, 6)).by_name()
+    assert [rows[n].macs for n in ("1", "2")] == [16 * 2 * 4 * 36, 16 * 1 * 4 * 36]
+    assert [rows[n].params for n in ("1", "2")] == [16 * 2 * 4 + 16, 16 * 1 * 4 + 16]  # with the biases
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda m: count_complexity("resnet18", (1, 3, 8, 8)), "count_complexity: model must be a Module, got str"),
+        (lambda m: count_complexity(m, (1, 3, 8.0, 8)), r"input_shape\[2\]=8.0 is out of range; valid range is >= 1"),
+        (lambda m: count_complexity(m, (1, 3, 0, 8)), r"input_shape\[2\]=0 is out of range"),
+        (lambda m: count_complexity(m, ()), r"input_shape=\(\) is not valid; valid values are non-empty sequences"),
+        (lambda m: count_complexity(m, 224), "input_shape=224 is not valid"),
+        (
+            lambda m: count_complexity(m, example_input=3.0),
+            "example_input must be a tensor, a sequence of positional inputs or a ModelCall",
+        ),
+        (lambda m: count_complexity(m, (1, 3, 8, 8), leaf_types=("Conv2d",)), "leaf_types=.*must be module classes"),
+        (lambda m: format_count(1234, digits=0), "format_count: digits=0 is out of range; valid range is >= 1"),
+        (lambda m: format_count("1234"), "format_count: n='1234' is out of range"),
+        (lambda m: compression_ratios(None, None), "compression_ratios: before must be a Complexity, got NoneType"),
+    ],
+)
+def test_argument_errors_name_argument_value_and_range(call, match) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    with pytest.raises(ValueError, match=match):
+        call(model)

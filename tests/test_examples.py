@@ -43,10 +43,14 @@ def test_help(script):
 
 
 def test_cifar_ghost_on_digits(tmp_path):
-    run_example("cifar_ghost.py", "--dataset", "digits", *TINY, "--stages", "2", "--output", str(tmp_path))
+    # 2 epochs of 40 batches of 32: enough to learn (TINY's 4 steps leave ResNet-20 at chance, 12.7%).
+    training = ["--epochs", "2", "--limit-batches", "40", "--batch-size", "32", "--accelerator", "cpu"]
+    run_example("cifar_ghost.py", "--dataset", "digits", *training, "--stages", "2", "--output", str(tmp_path))
     result = summary(tmp_path)
     assert result["compression/params_ratio"] > 1.8 and result["compression/macs_ratio"] > 1.8
-    assert 0.0 <= result["test_acc"] <= 1.0
+    # Chance is 10% (ten balanced classes in the stratified test split); this run reaches 94.4% (92.2% and 93.8%
+    # with seeds 1 and 2), so a broken conversion or a model that does not train falls below the bound.
+    assert result["test_acc"] > 0.7
     # The saved model is the converted one, and restructures into a fresh classifier.
     fresh = ImageClassifier("resnet20", num_classes=10)
     fresh.load_state_dict(torch.load(tmp_path / "converted.pt", weights_only=True))
@@ -66,10 +70,12 @@ def test_finetune_from_checkpoint_with_ckpt(tmp_path):
     assert summary(tuned)["compression/params_ratio"] > 1.8
 
 
-def test_cifar_structured_on_digits(tmp_path):
+@pytest.mark.parametrize("lightning", ["pytorch_lightning", "lightning"])
+def test_cifar_structured_on_digits(tmp_path, lightning):
     run_example(
-        "cifar_structured.py", "--dataset", "digits", *TINY, "--channel-ratio", "0.5", "--output", str(tmp_path)
-    )
+        "cifar_structured.py", "--dataset", "digits", *TINY, "--channel-ratio", "0.5", "--output", str(tmp_path),
+        "--lightning", lightning,
+    )  # fmt: skip
     result = summary(tmp_path)
     assert result["compression/params_ratio"] > 3.0
     state = torch.load(tmp_path / "decomposed.pt", weights_only=True)

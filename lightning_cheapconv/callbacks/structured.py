@@ -235,6 +235,7 @@ class StructuredConvCallback(CheapConvCallback):
     ) -> None:
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
         weight = self.current_reg_weight(trainer.current_epoch)
+        scale = self._loss_scale_left(trainer, optimizer)
         total = torch.zeros((), device=pl_module.device)
         copies, params = [], []
         for name in self._dense(pl_module, self.targets):
@@ -252,13 +253,23 @@ class StructuredConvCallback(CheapConvCallback):
             loss = weight * torch.stack([r for _, r in copies]).sum()
             grads = torch.autograd.grad(loss, [c for c, _ in copies])
             for param, grad in zip(params, grads, strict=True):
-                grad = grad.to(param.dtype)
+                grad = (grad * scale).to(param.dtype)
                 if param.grad is None:
                     param.grad = grad
                 else:
                     param.grad.add_(grad)
         if copies:
             pl_module.log("train/struct_reg", total, on_step=True, on_epoch=True, prog_bar=False)
+
+    @staticmethod
+    def _loss_scale_left(trainer: Trainer, optimizer: torch.optim.Optimizer) -> float:
+        """The AMP loss scale the gradients still carry in ``on_before_optimizer_step``: 1.0, except with an
+        fp16 GradScaler and an optimizer that unscales inside its own step (``fused=True``), for which Lightning
+        skips ``unscale_`` before the hook; the added gradient must then be scaled like the loss's."""
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is None or not scaler.is_enabled() or not getattr(optimizer, "_step_supports_amp_scaling", False):
+            return 1.0
+        return float(scaler.get_scale())
 
     # -- projection -----------------------------------------------------------------------------
     @staticmethod
