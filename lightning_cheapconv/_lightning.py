@@ -57,19 +57,11 @@ def _installed() -> dict[str, ModuleType]:
 _PACKAGES = _installed()
 
 
-def _each(path: str) -> tuple[Any, ...]:
-    """``path`` (``"strategies.DDPStrategy"``) looked up in every installed tree."""
+def _each(path: str, fabric: bool = False) -> tuple[Any, ...]:
+    """``path`` (``"strategies.DDPStrategy"``) looked up in every installed tree (its Fabric with ``fabric``)."""
     found = []
     for name in _PACKAGES:
-        module_name, _, attr = f"{name}.{path}".rpartition(".")
-        found.append(getattr(importlib.import_module(module_name), attr))
-    return tuple(found)
-
-
-def _fabric_each(path: str) -> tuple[Any, ...]:
-    found = []
-    for name in _PACKAGES:
-        module_name, _, attr = f"{_FABRIC[name]}.{path}".rpartition(".")
+        module_name, _, attr = f"{_FABRIC[name] if fabric else name}.{path}".rpartition(".")
         found.append(getattr(importlib.import_module(module_name), attr))
     return tuple(found)
 
@@ -177,7 +169,7 @@ else:
         def __reduce_ex__(self, protocol: int) -> Any:
             return _reduce_unbound(self, protocol)
 
-    class MisconfigurationException(*_fabric_each("utilities.exceptions.MisconfigurationException")):
+    class MisconfigurationException(*_each("utilities.exceptions.MisconfigurationException", fabric=True)):
         """Lightning's ``MisconfigurationException`` of every installed tree: ``except`` catches it by either name."""
 
 

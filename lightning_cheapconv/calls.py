@@ -59,6 +59,22 @@ class ModelCall:
     def __call__(self, model: nn.Module) -> Any:
         return model(*self.args, **self.kwargs)
 
+    def run(self, model: nn.Module, argument: str) -> Any:
+        """``self(model)``, with a failure turned into a ``ValueError`` naming ``argument`` and the input shapes.
+
+        Raises:
+            ValueError: ``"{argument} with input shapes [...] does not run through {Model}: {error}"``, chained
+                to the original error.
+        """
+        try:
+            return self(model)
+        except Exception as err:
+            shapes = [tuple(t.shape) for t in self.tensors()]
+            raise ValueError(
+                f"{argument} with input shapes {shapes} does not run through {type(model).__name__}: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+
     def _map(self, fn: Callable[[Tensor], Any]) -> ModelCall:
         return ModelCall(tuple(_map_tensors(a, fn) for a in self.args), _map_tensors(self.kwargs, fn))
 

@@ -545,15 +545,8 @@ def _recalibrate(model: nn.Module, inputs: Tensor | Sequence[ModelCall], batch_s
                 norm.momentum = None  # cumulative average over the calibration chunks
                 norm.train()
             chunks = as_calls(list(inputs.split(batch_size))) if isinstance(inputs, Tensor) else as_calls(inputs)
-            for chunk in chunks:
-                try:
-                    chunk(model)
-                except Exception as err:
-                    shapes = [tuple(t.shape) for t in chunk.tensors()]
-                    raise ValueError(
-                        f"{argument}: a chunk with input shapes {shapes} does not run through "
-                        f"{type(model).__name__} with its BatchNorms estimating statistics: {type(err).__name__}: {err}"
-                    ) from err
+            for chunk in chunks:  # with the BatchNorms estimating statistics
+                chunk.run(model, f"{argument}: a chunk")
         completed = True
     finally:
         for norm, momentum, buffers in saved:

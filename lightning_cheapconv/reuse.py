@@ -64,15 +64,8 @@ def run_example(model: nn.Module, example_input: Tensor | ModelCall, argument: s
             f"got {type(example_input).__name__}"
         )
     call = example_input if isinstance(example_input, ModelCall) else ModelCall((example_input,))
-    try:
-        with evaluating(model):
-            return call(model)
-    except Exception as err:
-        shapes = [tuple(t.shape) for t in call.tensors()]
-        raise ValueError(
-            f"{argument} with input shapes {shapes} does not run through {type(model).__name__}: "
-            f"{type(err).__name__}: {err}"
-        ) from err
+    with evaluating(model):
+        return call.run(model, argument)
 
 
 def _reason(where: str) -> str:

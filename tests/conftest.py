@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+from typing import Any
+
 import pytest
 import torch
+
+NAMESPACES = ("pytorch_lightning", "lightning.pytorch")
 
 
 @pytest.fixture(scope="module")
@@ -14,3 +20,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=NAMESPACES)
+def pl_ns(request: pytest.FixtureRequest) -> ModuleType:
+    """The Lightning package a test runs under: ``pytorch_lightning`` or ``lightning.pytorch``."""
+    return importlib.import_module(request.param)
+
+
+@pytest.fixture
+def project(pl_ns: ModuleType) -> Any:
+    """A user's ``Model`` and ``DataModule`` (tests/nets.py ``user_project``), subclassing ``pl_ns``'s own bases."""
+    from nets import user_project
+
+    return user_project(pl_ns.__name__)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from nets import USER_TARGETS, run_script, user_images, user_project, user_trainer
+from nets import USER_TARGETS, run_script, user_images, user_trainer
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -31,29 +31,7 @@ from lightning_cheapconv import (
     StructuredConvCallback,
 )
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-    pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*"),
-    pytest.mark.filterwarnings("ignore:.*smaller than the logging interval.*"),
-    pytest.mark.filterwarnings("ignore:.*The dirpath has changed.*"),
-    pytest.mark.filterwarnings("ignore:.*exists and is not empty.*"),
-    pytest.mark.filterwarnings("ignore:.*is not before max_epochs.*"),
-    pytest.mark.usefixtures("one_thread"),
-]
-
-NAMESPACES = ("pytorch_lightning", "lightning.pytorch")
-
-
-@pytest.fixture(params=NAMESPACES)
-def pl_ns(request: pytest.FixtureRequest) -> ModuleType:
-    """The Lightning package a test runs under: ``pytorch_lightning`` or ``lightning.pytorch``."""
-    return importlib.import_module(request.param)
-
-
-@pytest.fixture
-def project(pl_ns: ModuleType) -> Any:
-    """The user's ``Model`` and ``DataModule``, subclassing ``pl_ns``'s own base classes."""
-    return user_project(pl_ns.__name__)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def layer_types(model: nn.Module) -> dict[str, str]:

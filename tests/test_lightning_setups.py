@@ -10,7 +10,6 @@ Lightning packages where cheap (the ``pl_ns`` fixture), with a user's module tha
 
 from __future__ import annotations
 
-import importlib
 import re
 import warnings
 from pathlib import Path
@@ -28,29 +27,7 @@ from lightning_cheapconv import GhostConv2d, GhostConvCallback, StructuredConv2d
 from lightning_cheapconv._lightning import MisconfigurationException
 from lightning_cheapconv.structure import structural_residual
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-    pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*"),
-    pytest.mark.filterwarnings("ignore:.*smaller than the logging interval.*"),
-    pytest.mark.filterwarnings("ignore:.*The dirpath has changed.*"),
-    pytest.mark.filterwarnings("ignore:.*exists and is not empty.*"),
-    pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint need to be provided.*"),
-    pytest.mark.filterwarnings("ignore:.*defined a `validation_step` but have no `val_dataloader`.*"),
-    pytest.mark.usefixtures("one_thread"),
-]
-
-NAMESPACES = ("pytorch_lightning", "lightning.pytorch")
-
-
-@pytest.fixture(params=NAMESPACES)
-def pl_ns(request: pytest.FixtureRequest) -> ModuleType:
-    """The Lightning package a test runs under: ``pytorch_lightning`` or ``lightning.pytorch``."""
-    return importlib.import_module(request.param)
-
-
-@pytest.fixture
-def project(pl_ns: ModuleType) -> Any:
-    return user_project(pl_ns.__name__)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
