@@ -508,7 +508,8 @@ _edit = st.one_of(
 
 
 def _has_values(value) -> bool:
-    return isinstance(value, torch.Tensor) and not value.is_meta  # an earlier edit may have moved it to meta
+    """A tensor with elements to read: an earlier edit may have moved it to meta or truncated it to nothing."""
+    return isinstance(value, torch.Tensor) and not value.is_meta and value.numel() > 0
 
 
 def _edited(edits) -> dict:

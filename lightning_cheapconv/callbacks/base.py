@@ -45,13 +45,14 @@ class CheapConvCallback(Callback):
         skip_last: bool,
         order: Order,
         verbose: int,
+        order_argument: str = "order",
     ) -> None:
         who = type(self).__name__
         check_patterns("include", include, owner=who, error=MisconfigurationException)
         check_patterns("exclude", exclude, owner=who, error=MisconfigurationException)
         check_bool("skip_first", skip_first, owner=who, error=MisconfigurationException)
         check_bool("skip_last", skip_last, owner=who, error=MisconfigurationException)
-        check_choice("order", order, ("deep_first", "shallow_first"), owner=who, error=MisconfigurationException)
+        check_choice(order_argument, order, ("deep_first", "shallow_first"), owner=who, error=MisconfigurationException)
         check_choice("verbose", verbose, (0, 1, 2), owner=who, error=MisconfigurationException)
         self.include, self.exclude = include, exclude
         self.skip_first, self.skip_last = skip_first, skip_last
@@ -86,6 +87,10 @@ class CheapConvCallback(Callback):
         """How many training forward calls to keep for calibration now (default: none)."""
         return 0
 
+    def _integer_buffers(self) -> bool:
+        """Whether the cheap modules carry integer buffers (default: no)."""
+        return False
+
     # -- shared -----------------------------------------------------------------------------
     @property
     def state_key(self) -> str:
@@ -102,7 +107,7 @@ class CheapConvCallback(Callback):
 
     def _setup_plan(self, trainer: Trainer, pl_module: LightningModule) -> None:
         who = type(self).__name__
-        refuse_incompatible_callbacks(trainer, who)
+        refuse_incompatible_callbacks(trainer, who, self._integer_buffers())
         self._trainer = trainer
         self._example, self._calls, self._warned_no_input = None, [], False  # nothing from an earlier fit
         self.plan = self._select(pl_module)
@@ -171,7 +176,9 @@ class CheapConvCallback(Callback):
 
     # -- validate/test/predict with a checkpoint ---------------------------------------------------
     def _remember_forms(self, pl_module: LightningModule) -> None:
-        """Before validate/test/predict: the form of each target, to tell if loading a checkpoint changes it."""
+        """Before validate/test/predict: install the restructure hook (a checkpoint of any stage then loads into a
+        fresh model), and note the form of each layer this callback converted, to tell if loading changes it."""
+        install_restructure_hook(pl_module)
         self._forms = {n: type(pl_module.get_submodule(n)) for n in self.targets}
 
     def _restore_forms(self, pl_module: LightningModule, changed: list[str]) -> list[str]:

@@ -133,6 +133,9 @@ class GhostConvCallback(CheapConvCallback):
     def _calibration_wanted(self) -> int:
         return self.calibration_batches if self._pending else 0
 
+    def _integer_buffers(self) -> bool:
+        return self.init == "inherit"  # the inherited channel order, GhostConv2d.output_index
+
     # -- setup and schedule -----------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":

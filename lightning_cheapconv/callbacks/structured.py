@@ -9,7 +9,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._lightning import LightningModule, MisconfigurationException, Trainer, rank_zero_info, rank_zero_warn
+from .._lightning import (
+    LightningModule,
+    MisconfigurationException,
+    Trainer,
+    is_weight_averaging,
+    rank_zero_info,
+    rank_zero_warn,
+)
 from ..calls import ModelCall, tensors_in
 from ..convert import LayerPlan, decompose_structured, replace_modules, select_layers, structure_spec_for
 from ..nn import StructuredConv2d, StructuredLinear
@@ -105,7 +112,7 @@ class StructuredConvCallback(CheapConvCallback):
         project_start_step: int | None = None,
         project_end_step: int | None = None,
     ) -> None:
-        super().__init__(include, exclude, skip_first, skip_last, project_order, verbose)
+        super().__init__(include, exclude, skip_first, skip_last, project_order, verbose, "project_order")
         who, error = type(self).__name__, MisconfigurationException
         check_finite_number("channel_ratio", channel_ratio, 0.0, 1.0, exclusive_minimum=True, owner=who, error=error)
         if kernel_size is None:
@@ -341,7 +348,13 @@ class StructuredConvCallback(CheapConvCallback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.decompose_on_fit_end:
             return
+        self._check_still_structured(trainer, pl_module)
         remaining = self._skip_reused(pl_module, [n for n in self.todo if n not in self.projected])
+        if remaining and self.schedule is not None and trainer.should_stop:
+            rank_zero_warn(
+                f"StructuredConvCallback: the fit stopped before the projection stage of {len(remaining)} layer(s); "
+                f"they are projected now, at fit end, without fine-tuning: {', '.join(remaining)}."
+            )
         if remaining:
             self._start_projecting(pl_module, remaining, "fit end")
         dense = self._dense(pl_module, self.targets)
@@ -356,6 +369,24 @@ class StructuredConvCallback(CheapConvCallback):
             self.export_path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(pl_module.state_dict(), self.export_path)
             rank_zero_info(f"StructuredConvCallback: decomposed state dict saved to {self.export_path}")
+
+    def _check_still_structured(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Project the projected layers once more before decomposing. Their weights are structured unless
+        something replaced them after the last step: a weight-averaging callback copies its average in at train
+        end, and an average that began before a layer's projection stage is not structured."""
+        names = self._dense(pl_module, sorted(self.projected))
+        with torch.no_grad():
+            moved = {n: float(structural_residual(pl_module.get_submodule(n).weight, self.specs[n])) for n in names}
+        self._project(pl_module, names)
+        worst = max(moved, key=moved.get, default=None)
+        if worst is not None and moved[worst] > 1e-4:
+            averaging = [type(c).__name__ for c in trainer.callbacks if is_weight_averaging(c)]
+            cause = f" ({', '.join(averaging)} copied in weights averaged over unprojected steps)" if averaging else ""
+            rank_zero_warn(
+                f"StructuredConvCallback: projected layers were no longer structured at fit end{cause}; projected "
+                f"again, largest relative move {moved[worst]:.3g} ({worst}), without fine-tuning. With weight "
+                "averaging, start it after the last projection stage."
+            )
 
     def _decompose(self, trainer: Trainer, pl_module: LightningModule, names: list[str]) -> None:
         """Decompose the (projected) ``names`` and check the network's outputs on the recorded input.

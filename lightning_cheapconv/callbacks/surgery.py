@@ -49,14 +49,26 @@ def check_strategy(trainer: Trainer, who: str, changes_mid_fit: bool) -> None:
         )
 
 
-def refuse_incompatible_callbacks(trainer: Trainer, who: str) -> None:
-    """Refuse callbacks whose state cannot follow a layer replacement, naming them."""
+def refuse_incompatible_callbacks(trainer: Trainer, who: str, integer_buffers: bool = False) -> None:
+    """Refuse callbacks whose state cannot follow a layer replacement, naming them and what works instead.
+
+    ``integer_buffers``: the cheap modules carry integer buffers (a Ghost module's ``output_index``), which a
+    weight average over buffers (``WeightAveraging(use_buffers=True)``, ``EMAWeightAveraging``'s default)
+    turns into averaged, truncated numbers.
+    """
     for callback in trainer.callbacks:
+        name = type(callback).__name__
         if is_model_pruning(callback):
             raise MisconfigurationException(
-                f"{who} cannot run together with {type(callback).__name__}: pruning re-parametrizes the layers' "
+                f"{who} cannot run together with {name}: pruning re-parametrizes the layers' "
                 "weights (weight_orig * weight_mask) and keeps references to the modules this callback replaces. "
                 "Prune before or after the compression run, in separate fits."
+            )
+        if integer_buffers and is_weight_averaging(callback) and getattr(callback, "_use_buffers", False):
+            raise MisconfigurationException(
+                f"{who} cannot run together with {name}(use_buffers=True): it averages every buffer, and the Ghost "
+                "modules' output_index (the integer channel order kept by weight inheritance) does not survive "
+                f"averaging. Use {name}(use_buffers=False), or GhostConvCallback(init='random')."
             )
 
 
