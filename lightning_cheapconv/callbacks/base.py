@@ -27,6 +27,12 @@ __all__ = ["CheapConvCallback"]
 Patterns = str | Sequence[str] | None
 
 
+def short_list(names: Sequence[str], most: int = 6) -> str:
+    """``names`` joined, the first ``most`` of them and a count of the rest."""
+    shown = ", ".join(names[:most])
+    return shown if len(names) <= most else f"{shown} and {len(names) - most} more"
+
+
 class CheapConvCallback(Callback):
     """Base of :class:`StructuredConvCallback` and :class:`GhostConvCallback`: subclasses decide *how*
     a layer becomes cheap; this class selects layers, records what the network's ``forward`` receives,
@@ -171,7 +177,8 @@ class CheapConvCallback(Callback):
         rank_zero_warn(
             f"{type(self).__name__}: stages at {self.unit}s {list(self.schedule.epochs)} are not all reached: this fit "
             f"ends at {self.unit} {last} (max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps}, "
-            f"{trainer.num_training_batches} batches per epoch); {len(late)} layer(s) {consequence}: {', '.join(late)}."
+            f"{trainer.num_training_batches} batches per epoch); {len(late)} layer(s) {consequence}: "
+            f"{short_list(late)}."
         )
 
     # -- validate/test/predict with a checkpoint ---------------------------------------------------

@@ -22,7 +22,7 @@ from ..convert import LayerPlan, decompose_structured, replace_modules, select_l
 from ..nn import StructuredConv2d, StructuredLinear
 from ..structure import StructureSpec, project, structural_residual
 from ..validation import check_bool, check_finite_number, check_instance, check_int, check_int_pair
-from .base import CheapConvCallback, Patterns
+from .base import CheapConvCallback, Patterns, short_list
 from .schedule import Order, schedule_window
 from .surgery import check_strategy, swap_in_optimizers
 
@@ -353,7 +353,7 @@ class StructuredConvCallback(CheapConvCallback):
         if remaining and self.schedule is not None and trainer.should_stop:
             rank_zero_warn(
                 f"StructuredConvCallback: the fit stopped before the projection stage of {len(remaining)} layer(s); "
-                f"they are projected now, at fit end, without fine-tuning: {', '.join(remaining)}."
+                f"they are projected now, at fit end, without fine-tuning: {short_list(remaining)}."
             )
         if remaining:
             self._start_projecting(pl_module, remaining, "fit end")
