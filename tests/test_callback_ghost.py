@@ -380,7 +380,9 @@ def test_user_optimizer_with_the_old_layer_frozen_out() -> None:
 def test_stages_after_max_epochs_warn_and_stay_dense(capsys: pytest.CaptureFixture) -> None:
     model = TinyNet()
     trainer = make_trainer(max_epochs=2, callbacks=[GhostConvCallback(stages=2, start_epoch=1, end_epoch=2)])
-    with pytest.warns(UserWarning, match=r"ends at epoch 1 \(max_epochs=2, .*1 layer\(s\) will stay dense: c1\."):
+    with pytest.warns(
+        UserWarning, match=r"the last epoch this fit starts is 1 \(max_epochs=2, .*1 layer\(s\) will stay dense: c1\."
+    ):
         trainer.fit(model, loader())  # default verbose=1 and no validation loop: the report still works
     assert "original vs Ghost" in capsys.readouterr().out
     assert ghosts(model) == {"c3", "c2"}

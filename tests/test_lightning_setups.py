@@ -803,3 +803,26 @@ def test_import_lightning_as_L(make_callback: Any, cheap: str) -> None:
     )
     trainer.fit(model, datamodule=project.DataModule())
     assert layer_types(model) == dict.fromkeys(USER_TARGETS, cheap)
+
+
+def test_structured_with_swa_starting_before_the_last_projection_stage_warns(pl_ns: ModuleType, project: Any) -> None:
+    """SWA from epoch 1 with projection stages at epochs 2..3 (max_epochs=5): its average mixes unprojected weights
+    and its BatchNorm re-estimate precedes our projection, so the start names the fix; SWA from epoch 4 is quiet."""
+    for swa_epoch_start, warns in ((2, True), (5, False)):
+        pl_ns.seed_everything(0)
+        swa = pl_ns.callbacks.StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=swa_epoch_start)
+        callback = StructuredConvCallback(project_start_epoch=2, project_end_epoch=3, verbose=0)
+        trainer = user_trainer(pl_ns, max_epochs=5, callbacks=[swa, callback])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(project.Model(scheduler="none"), datamodule=project.DataModule())
+        said = [str(w.message) for w in caught if "starts averaging" in str(w.message)]
+        assert len(said) == warns, said
+        if warns:
+            assert "epoch 1, not after the last projection stage (epoch 3)" in said[0]
+            assert "swa_epoch_start >= 5" in said[0]
+
+
+def test_end_without_stages_warns() -> None:
+    with pytest.warns(UserWarning, match="end_step=5 has no effect with stages=1"):
+        GhostConvCallback(end_step=5)

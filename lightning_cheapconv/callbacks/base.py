@@ -175,8 +175,8 @@ class CheapConvCallback(Callback):
         stages = zip(self.schedule.epochs, self.schedule.groups, strict=True)
         late = [name for at, group in stages if at > last for name in group]
         rank_zero_warn(
-            f"{type(self).__name__}: stages at {self.unit}s {list(self.schedule.epochs)} are not all reached: this fit "
-            f"ends at {self.unit} {last} (max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps}, "
+            f"{type(self).__name__}: stages at {self.unit}s {list(self.schedule.epochs)} are not all reached: the last "
+            f"{self.unit} this fit starts is {last} (max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps}, "
             f"{trainer.num_training_batches} batches per epoch); {len(late)} layer(s) {consequence}: "
             f"{short_list(late)}."
         )

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from .._lightning import LightningModule, MisconfigurationException, Trainer, rank_zero_info
+from .._lightning import LightningModule, MisconfigurationException, Trainer, rank_zero_info, rank_zero_warn
 from ..convert import LayerPlan, capture_inputs, ghost_from_conv, recalibrate_batchnorm, replace_modules, select_layers
 from ..nn import GhostConv2d
 from ..validation import check_choice, check_int
@@ -108,6 +108,11 @@ class GhostConvCallback(CheapConvCallback):
         self.unit, start, end = schedule_window(who, "", start_epoch, end_epoch, start_step, end_step)
         self.start = start if start is not None else 0
         self.end = end if end is not None else self.start + self.stages - 1
+        if end is not None and self.stages == 1:
+            rank_zero_warn(
+                f"{who}: end_{self.unit}={end} has no effect with stages=1: every layer converts at "
+                f"{self.unit} {self.start}. Give stages > 1 to spread the conversion up to end_{self.unit}."
+            )
         self.start_epoch, self.end_epoch = start_epoch, end_epoch
         self.start_step, self.end_step = start_step, end_step
         self.fit_errors: dict[str, float | None] = {}

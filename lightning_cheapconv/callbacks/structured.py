@@ -227,6 +227,23 @@ class StructuredConvCallback(CheapConvCallback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._warn_unreachable(trainer, "are projected at fit end, without fine-tuning")
+        self._warn_early_averaging(trainer)
+
+    def _warn_early_averaging(self, trainer: Trainer) -> None:
+        """StochasticWeightAveraging that starts before the last projection stage averages unprojected weights;
+        projecting its average afterwards invalidates the BatchNorm statistics it re-estimates at the end."""
+        if self.schedule is None or self.unit != "epoch":
+            return
+        for callback in trainer.callbacks:
+            start = getattr(callback, "swa_start", None) if is_weight_averaging(callback) else None
+            if isinstance(start, int) and start <= self.schedule.last_epoch:
+                last = self.schedule.last_epoch
+                rank_zero_warn(
+                    f"StructuredConvCallback: {type(callback).__name__} starts averaging at epoch {start}, not after "
+                    f"the last projection stage (epoch {last}): its average includes unprojected weights, and "
+                    "projecting it afterwards leaves the BatchNorm statistics it re-estimates stale. Pass "
+                    f"swa_epoch_start >= {last + 2} (it counts epochs from 1)."
+                )
 
     # -- regularization -------------------------------------------------------------------------
     def current_reg_weight(self, epoch: int) -> float:
