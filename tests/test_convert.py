@@ -546,9 +546,20 @@ def test_structure_spec_for_and_structured_from_dense():
             r"no layer matches the selection \(include=None, exclude=\('\*',\)\): stem: matched by exclude; "
             "conv1: matched by exclude",
         ),
+        ({"skip_first": "yes"}, "convert_to_ghost: skip_first='yes' is not a bool; valid values are True and False"),
+        ({"skip_last": 0}, "skip_last=0 is not a bool"),
+        ({"recalibrate_bn": None}, "recalibrate_bn=None is not a bool"),
+        ({"include": 5}, r"include=5 is not valid; valid values are None, a glob pattern"),
+        ({"exclude": ["a", 1]}, r"exclude=\['a', 1\] is not valid"),
+        ({"include": []}, r"include=\[\] is not valid"),
+        ({"init": None}, "init=None is not valid; valid values are 'inherit' and 'random'"),
+        ({"ratio": 2.0}, r"ratio=2.0 is out of range; valid range is >= 2 \(an int\)"),
+        ({"dw_size": "3"}, r"dw_size='3' is out of range; valid range is >= 1 \(an odd int\)"),
+        ({"calibration": [1.0, 2.0]}, "calibration must be a torch.Tensor, got list"),
+        ({"plan": "all"}, "plan must be a list of LayerPlan"),
     ],
 )
-def test_convert_to_ghost_errors_leave_model_unchanged(kwargs, match):
+def test_convert_to_ghost_errors_name_the_argument_and_leave_model_unchanged(kwargs, match):
     model = _Small()
     snapshot = _snapshot(model)
     with pytest.raises(ValueError, match=match):
@@ -569,9 +580,21 @@ def test_convert_to_ghost_errors_leave_model_unchanged(kwargs, match):
         ({"specs": {"nope": StructureSpec(4, (2, 2))}}, r"not candidates: \['nope'\]"),
         ({"specs": {"stem": StructureSpec(2, (2, 2))}}, "stem"),  # skipped, so not a candidate
         ({"specs": {"conv1": StructureSpec(17, (2, 2))}}, r"conv1: structured channels \(c\)=17 is out of range"),
+        (
+            {"kernel_size": 2.0},
+            r"kernel_size=2.0 is out of range; each side must be >= 1 \(an int, or a pair of ints\)",
+        ),
+        ({"kernel_size": (2, 2, 2)}, r"kernel_size=\(2, 2, 2\) is out of range"),
+        ({"kernel_reduction": 1.5}, r"kernel_reduction=1.5 is out of range; valid range is >= 0 \(an int\)"),
+        ({"channel_ratio": True}, "channel_ratio=True is out of range"),
+        ({"channel_ratio": float("nan")}, "channel_ratio=nan is out of range"),
+        ({"linear": "no"}, "linear='no' is not a bool"),
+        ({"skip_first": 1}, "skip_first=1 is not a bool"),
+        ({"specs": {"conv1": (4, 2)}}, "specs must be a dict of layer name -> StructureSpec"),
+        ({"calibration": torch.randn(2, 3, 8, 8).tolist()}, "calibration must be a torch.Tensor"),
     ],
 )
-def test_decompose_structured_errors_leave_model_unchanged(kwargs, match):
+def test_decompose_structured_errors_name_the_argument_and_leave_model_unchanged(kwargs, match):
     model = _Small()
     snapshot = _snapshot(model)
     with pytest.raises(ValueError, match=match):
@@ -803,55 +826,6 @@ def test_building_blocks_inherit_requires_grad(frozen):
 
 
 # ----------------------------------------------------------------------------- argument validation
-
-
-@pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        ({"skip_first": "yes"}, "convert_to_ghost: skip_first='yes' is not a bool; valid values are True and False"),
-        ({"skip_last": 0}, "skip_last=0 is not a bool"),
-        ({"recalibrate_bn": None}, "recalibrate_bn=None is not a bool"),
-        ({"include": 5}, r"include=5 is not valid; valid values are None, a glob pattern"),
-        ({"exclude": ["a", 1]}, r"exclude=\['a', 1\] is not valid"),
-        ({"include": []}, r"include=\[\] is not valid"),
-        ({"init": None}, "init=None is not valid; valid values are 'inherit' and 'random'"),
-        ({"ratio": 2.0}, r"ratio=2.0 is out of range; valid range is >= 2 \(an int\)"),
-        ({"dw_size": "3"}, r"dw_size='3' is out of range; valid range is >= 1 \(an odd int\)"),
-        ({"calibration": [1.0, 2.0]}, "calibration must be a torch.Tensor, got list"),
-        ({"plan": "all"}, "plan must be a list of LayerPlan"),
-    ],
-)
-def test_convert_to_ghost_argument_errors_name_argument_value_and_range(kwargs, match):
-    model = _Small()
-    snapshot = _snapshot(model)
-    with pytest.raises(ValueError, match=match):
-        convert_to_ghost(model, **kwargs)
-    _assert_unchanged(model, snapshot)
-
-
-@pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        (
-            {"kernel_size": 2.0},
-            r"kernel_size=2.0 is out of range; each side must be >= 1 \(an int, or a pair of ints\)",
-        ),
-        ({"kernel_size": (2, 2, 2)}, r"kernel_size=\(2, 2, 2\) is out of range"),
-        ({"kernel_reduction": 1.5}, r"kernel_reduction=1.5 is out of range; valid range is >= 0 \(an int\)"),
-        ({"channel_ratio": True}, "channel_ratio=True is out of range"),
-        ({"channel_ratio": float("nan")}, "channel_ratio=nan is out of range"),
-        ({"linear": "no"}, "linear='no' is not a bool"),
-        ({"skip_first": 1}, "skip_first=1 is not a bool"),
-        ({"specs": {"conv1": (4, 2)}}, "specs must be a dict of layer name -> StructureSpec"),
-        ({"calibration": torch.randn(2, 3, 8, 8).tolist()}, "calibration must be a torch.Tensor"),
-    ],
-)
-def test_decompose_structured_argument_errors_name_argument_value_and_range(kwargs, match):
-    model = _Small()
-    snapshot = _snapshot(model)
-    with pytest.raises(ValueError, match=match):
-        decompose_structured(model, **kwargs)
-    _assert_unchanged(model, snapshot)
 
 
 @pytest.mark.parametrize(
