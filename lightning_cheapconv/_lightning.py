@@ -75,8 +75,9 @@ def _tree_classes(root: type) -> list[type]:
     return [k for k in root.__mro__ if not k.__module__.startswith(("torch.", "builtins"))]
 
 
-_ROOTS = {"LightningModule": "LightningModule", "LightningDataModule": "LightningDataModule"}
-_LIGHTNING_CLASSES = {k for path in _ROOTS.values() for root in _each(path) for k in _tree_classes(root)}
+_LIGHTNING_CLASSES = {
+    k for path in ("LightningModule", "LightningDataModule") for root in _each(path) for k in _tree_classes(root)
+}
 
 
 @functools.cache
@@ -173,9 +174,8 @@ else:
         """Lightning's ``MisconfigurationException`` of every installed tree: ``except`` catches it by either name."""
 
 
-_first = next(iter(_PACKAGES))
-rank_zero_info = importlib.import_module(f"{_first}.utilities.rank_zero").rank_zero_info
-rank_zero_warn = importlib.import_module(f"{_first}.utilities.rank_zero").rank_zero_warn
+_rank_zero = importlib.import_module(f"{next(iter(_PACKAGES))}.utilities.rank_zero")
+rank_zero_info, rank_zero_warn = _rank_zero.rank_zero_info, _rank_zero.rank_zero_warn
 
 _DDP = _each("strategies.DDPStrategy")
 _SINGLE_DEVICE = _each("strategies.SingleDeviceStrategy")

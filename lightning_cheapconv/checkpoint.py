@@ -28,7 +28,7 @@ from .convert import replace_modules
 from .nn.record import StructureRecordMixin, build_from_record, records_equal, registered_kinds
 from .validation import short_repr
 
-__all__ = ["Restructured", "restructure", "install_restructure_hook", "dense_from_record"]
+__all__ = ["Restructured", "restructure", "install_restructure_hook", "dense_from_record", "dense_layer_for"]
 
 _EXTRA = "_extra_state"
 _HOOK_FLAG = "_cheapconv_restructure_hook"
@@ -67,31 +67,34 @@ def _records(state_dict: Mapping[str, Any]) -> tuple[dict[str, dict], dict[str, 
     return found, unknown
 
 
-def dense_from_record(record: dict, weight: Any, where: str = "module") -> nn.Module:
-    """The plain ``nn.Conv2d``/``nn.Linear`` that a cheap module with this record replaced, shaped for ``weight``.
+def dense_layer_for(record: dict) -> nn.Module:
+    """The plain ``nn.Conv2d``/``nn.Linear`` (on the meta device: nothing allocated) that a cheap module with this
+    (trusted) structure record replaced."""
+    if "in_features" in record:
+        return nn.Linear(record["in_features"], record["out_features"], bias=record["bias"], device="meta")
+    return nn.Conv2d(
+        record["in_channels"],
+        record["out_channels"],
+        tuple(record["kernel_size"]),
+        stride=tuple(record["stride"]),
+        padding=record["padding"] if isinstance(record["padding"], str) else tuple(record["padding"]),
+        dilation=tuple(record["dilation"]),
+        groups=record.get("groups", 1),
+        bias=record["bias"],
+        padding_mode=record["padding_mode"],
+        device="meta",
+    )
 
-    Built on the meta device (nothing allocated). ``record`` is a trusted one (the model's own module's);
-    ``weight`` comes from a state dict: a 4-D tensor for a conv, 2-D for a linear layer.
+
+def dense_from_record(record: dict, weight: Any, where: str = "module") -> nn.Module:
+    """:func:`dense_layer_for` ``record``, checked against ``weight`` from a state dict (a 4-D tensor for a conv,
+    2-D for a linear layer).
 
     Raises:
         ValueError: naming ``where``, if ``weight`` is not a tensor of the dense layer's shape.
     """
-    if isinstance(weight, Tensor) and weight.dim() == 4:
-        layer: nn.Module = nn.Conv2d(
-            record["in_channels"],
-            record["out_channels"],
-            tuple(record["kernel_size"]),
-            stride=tuple(record["stride"]),
-            padding=record["padding"] if isinstance(record["padding"], str) else tuple(record["padding"]),
-            dilation=tuple(record["dilation"]),
-            groups=record.get("groups", 1),
-            bias=record["bias"],
-            padding_mode=record["padding_mode"],
-            device="meta",
-        )
-    elif isinstance(weight, Tensor) and weight.dim() == 2 and "in_features" in record:
-        layer = nn.Linear(record["in_features"], record["out_features"], bias=record["bias"], device="meta")
-    else:
+    layer = dense_layer_for(record)
+    if not isinstance(weight, Tensor) or weight.dim() != layer.weight.dim():
         shown = f"of shape {tuple(weight.shape)}" if isinstance(weight, Tensor) else f"of type {type(weight).__name__}"
         raise ValueError(f"{where}: dense weight {shown} does not fit the {record.get('kind')} it replaces ({record})")
     if tuple(layer.weight.shape) != tuple(weight.shape):

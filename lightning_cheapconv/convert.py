@@ -482,7 +482,7 @@ def capture_inputs(
             modules[name] = model.get_submodule(name)
         except (AttributeError, TypeError) as err:
             raise ValueError(f"capture_inputs: names contains {name!r}, which is no submodule of the model") from err
-    calls = [example_input] if isinstance(example_input, Tensor) else as_calls(example_input)
+    calls = as_calls(example_input)
     captured: dict[str, list[Tensor]] = {}
     handles = []
     call_index = 0
@@ -526,8 +526,8 @@ def recalibrate_batchnorm(model: nn.Module, inputs: Tensor | Sequence[ModelCall]
         >>> recalibrate_batchnorm(model, next(iter(train_loader))[0])
     """
     check_instance("model", model, nn.Module, owner="recalibrate_batchnorm")
-    calls = as_calls(inputs) if not isinstance(inputs, Tensor) else []
-    for tensor in [inputs] if isinstance(inputs, Tensor) else [t for call in calls for t in call.tensors()]:
+    tensors = [inputs] if isinstance(inputs, Tensor) else [t for call in as_calls(inputs) for t in call.tensors()]
+    for tensor in tensors:
         if tensor.is_floating_point():
             check_finite_tensor("inputs", tensor, owner="recalibrate_batchnorm")
     check_int("batch_size", batch_size, 1, owner="recalibrate_batchnorm")
@@ -697,7 +697,7 @@ def convert_to_ghost(
             skip_last,
             ratio=ratio,
             dw_size=dw_size,
-            example_input=calibration,
+            example_input=None if calibration is None else calibration[:1],  # as the callbacks: one example
         )
     _require_targets(_check_plan(model, plan, owner), owner, include_p, exclude_p)
     targets = [p.name for p in plan if p.action == "convert"]
@@ -771,7 +771,7 @@ def decompose_structured(
             channel_ratio=channel_ratio,
             kernel_reduction=kernel_reduction,
             kernel_size=kernel_size,
-            example_input=calibration,
+            example_input=None if calibration is None else calibration[:1],  # as the callbacks: one example
         )
     _require_targets(_check_plan(model, plan, owner), owner, include_p, exclude_p)
     unknown = set(specs) - {p.name for p in plan}

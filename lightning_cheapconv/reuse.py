@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .calls import ModelCall, tensors_in
+from .calls import ModelCall, as_calls, tensors_in
 from .validation import check_instance
 
 __all__ = ["evaluating", "run_example", "module_names", "find_weight_reuse"]
@@ -63,9 +63,8 @@ def run_example(model: nn.Module, example_input: Tensor | ModelCall, argument: s
             f"{argument} must be a torch.Tensor batch of model inputs or a ModelCall, "
             f"got {type(example_input).__name__}"
         )
-    call = example_input if isinstance(example_input, ModelCall) else ModelCall((example_input,))
     with evaluating(model):
-        return call.run(model, argument)
+        return as_calls(example_input)[0].run(model, argument)
 
 
 def _reason(where: str) -> str:

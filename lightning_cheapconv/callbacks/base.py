@@ -105,10 +105,11 @@ class CheapConvCallback(Callback):
     @property
     def targets(self) -> list[str]:
         """Layers this callback makes cheap: those still to convert (in model order), then :attr:`done`."""
-        return [p.name for p in self.plan if p.action == "convert"] + self.done
+        return self.todo + self.done
 
     @property
     def todo(self) -> list[str]:
+        """Layers planned for conversion in this fit, in model order."""
         return [p.name for p in self.plan if p.action == "convert"]
 
     def _setup_plan(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -312,9 +313,14 @@ class CheapConvCallback(Callback):
             return False
         return True
 
+    @staticmethod
+    def _dense(pl_module: LightningModule, names: Sequence[str]) -> list[str]:
+        """Those of ``names`` still plain ``nn.Conv2d``/``nn.Linear`` layers in the live model."""
+        return [n for n in names if isinstance(pl_module.get_submodule(n), (nn.Conv2d, nn.Linear))]
+
     def _cheap_now(self, pl_module: LightningModule) -> set[str]:
         """Target layers whose module is already in cheap form in the live model."""
-        return {name for name in self.targets if not isinstance(pl_module.get_submodule(name), (nn.Conv2d, nn.Linear))}
+        return set(self.targets).difference(self._dense(pl_module, self.targets))
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # No tracker outside fit (``trainer.validate`` before any fit): nothing to log.

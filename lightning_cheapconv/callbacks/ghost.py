@@ -164,7 +164,7 @@ class GhostConvCallback(CheapConvCallback):
 
     def _due(self, trainer: Trainer, pl_module: LightningModule) -> list[str]:
         assert self.schedule is not None
-        current = set(self._live_ghosts(pl_module))
+        current = self._cheap_now(pl_module)
         self.fit_errors.update({n: self.fit_errors.get(n) for n in current})  # restored from a checkpoint
         return [n for n in self.schedule.due_by(self._now(trainer)) if n not in current and n in self.todo]
 
@@ -185,9 +185,6 @@ class GhostConvCallback(CheapConvCallback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._pending and self.unit == "epoch":  # the epoch had fewer batches than calibration_batches
             self._convert(trainer, pl_module, self._pending, f"end of epoch {trainer.current_epoch}", mid_fit=True)
-
-    def _live_ghosts(self, pl_module: nn.Module) -> list[str]:
-        return [n for n in self.targets if isinstance(pl_module.get_submodule(n), GhostConv2d)]
 
     # -- conversion ---------------------------------------------------------------------------------
     def _convert(

@@ -296,11 +296,15 @@ class StructuredConvCallback(CheapConvCallback):
         return float(scaler.get_scale())
 
     # -- projection -----------------------------------------------------------------------------
-    @staticmethod
-    def _dense(pl_module: LightningModule, names: Sequence[str]) -> list[str]:
-        """Those of ``names`` still in dense form. A run resumed from a checkpoint saved after the fit-end
-        decomposition has them decomposed already: structured by construction, nothing to project."""
-        return [n for n in names if isinstance(pl_module.get_submodule(n), (nn.Conv2d, nn.Linear))]
+    # Only layers still dense (``_dense``) are projected or regularized: a run resumed from a checkpoint saved after
+    # the fit-end decomposition has them decomposed already, structured by construction.
+    def _residuals(self, pl_module: LightningModule, names: Sequence[str]) -> dict[str, float]:
+        """``‖(I-P)W‖/‖W‖`` of each of ``names`` still dense: how far a projection would move it."""
+        with torch.no_grad():
+            return {
+                n: float(structural_residual(pl_module.get_submodule(n).weight, self.specs[n]))
+                for n in self._dense(pl_module, names)
+            }
 
     def _project(self, pl_module: LightningModule, names: Sequence[str]) -> None:
         with torch.no_grad():
@@ -326,11 +330,7 @@ class StructuredConvCallback(CheapConvCallback):
             self._project_due(trainer, pl_module)
 
     def _start_projecting(self, pl_module: LightningModule, names: Sequence[str], when: str) -> None:
-        with torch.no_grad():
-            moved = {
-                n: float(structural_residual(pl_module.get_submodule(n).weight, self.specs[n]))
-                for n in self._dense(pl_module, names)
-            }
+        moved = self._residuals(pl_module, names)
         self._project(pl_module, names)
         self.projected.update(names)
         if self.verbose:
@@ -350,11 +350,7 @@ class StructuredConvCallback(CheapConvCallback):
             self._last_projected_step = trainer.global_step
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        with torch.no_grad():
-            self.layer_residuals = {
-                n: float(structural_residual(pl_module.get_submodule(n).weight, self.specs[n]))
-                for n in self._dense(pl_module, self.targets)
-            }
+        self.layer_residuals = self._residuals(pl_module, self.targets)
         if self.verbose > 1:
             rank_zero_info(
                 "StructuredConvCallback: residuals ‖(I-P)W‖/‖W‖: "
@@ -391,9 +387,8 @@ class StructuredConvCallback(CheapConvCallback):
         """Project the projected layers once more before decomposing. Their weights are structured unless
         something replaced them after the last step: a weight-averaging callback copies its average in at train
         end, and an average that began before a layer's projection stage is not structured."""
-        names = self._dense(pl_module, sorted(self.projected))
-        with torch.no_grad():
-            moved = {n: float(structural_residual(pl_module.get_submodule(n).weight, self.specs[n])) for n in names}
+        names = sorted(self.projected)
+        moved = self._residuals(pl_module, names)
         self._project(pl_module, names)
         worst = max(moved, key=moved.get, default=None)
         if worst is not None and moved[worst] > 1e-4:
@@ -464,12 +459,8 @@ class StructuredConvCallback(CheapConvCallback):
     def _restore_forms(self, pl_module: LightningModule, changed: list[str]) -> list[str]:
         """A checkpoint written before the fit-end decomposition holds the projected dense weights: decompose
         those again (exact), so validate/test/predict run the model in the form it had."""
-        exact = []
-        for name in self._dense(pl_module, changed):
-            weight = pl_module.get_submodule(name).weight
-            spec = self.specs.get(name)
-            if spec is not None and float(structural_residual(weight.detach(), spec)) < 1e-5:
-                exact.append(name)
+        ours = [n for n in changed if n in self.specs]
+        exact = [n for n, residual in self._residuals(pl_module, ours).items() if residual < 1e-5]
         if exact:
             self._decompose(pl_module.trainer, pl_module, exact)
             if self.verbose:

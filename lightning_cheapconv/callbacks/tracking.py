@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..calls import ModelCall
+from ..checkpoint import dense_layer_for
 from ..complexity import Complexity, LayerComplexity, count_complexity
 
 __all__ = ["CompressionTracker", "Cost"]
@@ -28,18 +29,11 @@ class Cost:
         return Cost(self.params - other.params, self.macs - other.macs, self.adds - other.adds)
 
 
-_CONV_ARGUMENTS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "bias")
-
-
 def _dense_twin(layer: nn.Module) -> nn.Module:
     """A meta-device plain layer: a copy of ``layer``, or the layer that a cheap module replaced (from its record)."""
     if isinstance(layer, (nn.Conv2d, nn.Linear)):
         return copy.deepcopy(layer).to("meta")
-    config = layer.config()
-    if "in_features" in config:
-        return nn.Linear(config["in_features"], config["out_features"], bias=config["bias"], device="meta")
-    arguments = {k: config[k] for k in _CONV_ARGUMENTS if k in config}
-    return nn.Conv2d(**arguments, padding_mode=config.get("padding_mode", "zeros"), device="meta")
+    return dense_layer_for(layer.structure_record())
 
 
 def _cost(complexity: Complexity) -> Cost:
