@@ -25,7 +25,14 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.utils.hooks import RemovableHandle
 
 from .convert import replace_modules
-from .nn.record import StructureRecordMixin, build_from_record, records_equal, registered_kinds
+from .nn.record import (
+    StructureRecordMixin,
+    build_from_record,
+    decode_record,
+    records_equal,
+    registered_kinds,
+    upgrade_record,
+)
 from .validation import short_repr
 
 __all__ = ["Restructured", "restructure", "install_restructure_hook", "dense_from_record", "dense_layer_for"]
@@ -51,14 +58,19 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path and name else path or name
 
 
+def _is_record_key(key: str) -> bool:
+    return key == _EXTRA or key.endswith("." + _EXTRA)
+
+
 def _records(state_dict: Mapping[str, Any]) -> tuple[dict[str, dict], dict[str, Any]]:
     """Module path -> structure record, for every registered cheap kind in the state dict; and module
     path -> kind for records (dicts with a ``kind``) of kinds this library does not know."""
     kinds = set(registered_kinds())
     found, unknown = {}, {}
     for key, value in state_dict.items():
-        if key == _EXTRA or key.endswith("." + _EXTRA):
+        if _is_record_key(key):
             path = key[: -len(_EXTRA)].rstrip(".")
+            value = upgrade_record(decode_record(value, f"state dict key {key!r}"))
             kind = value.get("kind") if isinstance(value, dict) else None
             if isinstance(kind, str) and kind in kinds:
                 found[path] = value
@@ -232,12 +244,12 @@ def _check_loadable(
                 problems.append(f"{key!r}: unexpected key; {what} has no such entry")
             elif strict:
                 problems.append(f"{key!r}: unexpected key (the model has no such parameter or buffer)")
-        elif isinstance(expected[key], Tensor):
+        elif isinstance(expected[key], Tensor) and not _is_record_key(key):  # records are checked below
             problems.extend(_tensor_problems(key, value, expected[key], swapped))
     for path, module in after.items():
         key = _join(path, _EXTRA)
         if isinstance(module, StructureRecordMixin) and key in state_dict:
-            record = state_dict[key]
+            record = upgrade_record(decode_record(state_dict[key], f"state dict key {key!r}"))
             if not (isinstance(record, dict) and records_equal(record, module.structure_record())):
                 problems.append(
                     f"{key!r}: {short_repr(record)} is not the structure record of the {type(module).__name__} "

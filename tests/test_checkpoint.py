@@ -11,6 +11,7 @@ from torch import nn
 from lightning_cheapconv.checkpoint import Restructured, dense_from_record, install_restructure_hook, restructure
 from lightning_cheapconv.convert import convert_to_ghost, decompose_structured, replace_modules
 from lightning_cheapconv.nn import GhostConv2d, StructuredConv2d, StructuredLinear, build_from_record
+from lightning_cheapconv.nn.record import decode_record, encode_record
 
 
 class _Net(nn.Module):
@@ -251,7 +252,7 @@ def test_non_strict_rebuild_initializes_what_is_not_loaded():
 def _bad_states():
     saved = _ghost()
     good = saved.state_dict()
-    record = good["body.0._extra_state"]
+    record = decode_record(good["body.0._extra_state"])
     cases = {
         "wrong shape": ({**good, "head.weight": torch.zeros(5, 31)}, r"'head.weight': shape \(5, 31\) does not match"),
         "wrong shape in a rebuilt module": (
@@ -260,19 +261,19 @@ def _bad_states():
         ),
         "unknown key": ({**good, "body.9.weight": torch.zeros(1)}, "'body.9.weight': unexpected key"),
         "unknown kind": (
-            {**good, "body.0._extra_state": {**record, "kind": "Bogus"}},
+            {**good, "body.0._extra_state": encode_record({**record, "kind": "Bogus"})},
             "'body.0._extra_state': unknown structure kind 'Bogus'",
         ),
         "record without a module": (
-            {**good, "nowhere._extra_state": record},
+            {**good, "nowhere._extra_state": encode_record(record)},
             "'nowhere._extra_state'.*no module there",
         ),
         "broken record": (
-            {**good, "body.0._extra_state": {k: v for k, v in record.items() if k != "in_channels"}},
+            {**good, "body.0._extra_state": encode_record({k: v for k, v in record.items() if k != "in_channels"})},
             r"'body.0._extra_state': cannot rebuild GhostConv2d: missing field\(s\) \['in_channels'\]",
         ),
         "newer version": (
-            {**good, "body.0._extra_state": {**record, "version": 99}},
+            {**good, "body.0._extra_state": encode_record({**record, "version": 99})},
             "'body.0._extra_state': cannot rebuild GhostConv2d.*version 99 is newer",
         ),
     }
@@ -302,7 +303,8 @@ def test_bad_state_dict_raises_and_leaves_the_model_unchanged(case, target):
 def test_unknown_kind_in_the_model_s_cheap_module_raises():
     model = _ghost(seed=1)
     state = dict(_ghost(seed=0).state_dict())
-    state["body.2._extra_state"] = {**state["body.2._extra_state"], "kind": "GhostConv3000"}
+    record = decode_record(state["body.2._extra_state"])
+    state["body.2._extra_state"] = encode_record({**record, "kind": "GhostConv3000"})
     snapshot = _snapshot(model)
     with pytest.raises(ValueError, match="'body.2._extra_state': unknown structure kind 'GhostConv3000'"):
         restructure(model, state, strict=False)
@@ -367,7 +369,7 @@ def test_torch_save_and_weights_only_load(tmp_path):
     structured = _structured()
     torch.save({"ghost": saved.state_dict(), "structured": structured.state_dict()}, tmp_path / "ckpt.pt")
     loaded = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    record = loaded["ghost"]["body.0._extra_state"]
+    record = decode_record(loaded["ghost"]["body.0._extra_state"])
     assert record["kind"] == "GhostConv2d" and record["permuted"] is True
     for key, reference in (("ghost", saved), ("structured", structured)):
         model = _net(seed=1)

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from lightning_cheapconv import ImageClassifier
+from lightning_cheapconv.nn.record import decode_record
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY = ["--epochs", "2", "--limit-batches", "2", "--batch-size", "16", "--accelerator", "cpu"]
@@ -79,7 +80,7 @@ def test_cifar_structured_on_digits(tmp_path, lightning):
     result = summary(tmp_path)
     assert result["compression/params_ratio"] > 3.0
     state = torch.load(tmp_path / "decomposed.pt", weights_only=True)
-    assert any(k.endswith("_extra_state") and v["kind"] == "StructuredConv2d" for k, v in state.items())
+    assert any(k.endswith("_extra_state") and decode_record(v)["kind"] == "StructuredConv2d" for k, v in state.items())
 
 
 def test_imagenet_on_written_image_folder(tmp_path):

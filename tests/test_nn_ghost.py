@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_cheapconv.nn import GhostBottleneck, GhostConv2d, SqueezeExcite, build_from_record
+from lightning_cheapconv.nn.record import decode_record
 
 
 def _num_params(module: nn.Module) -> int:
@@ -224,7 +225,7 @@ def test_record_round_trip(kwargs, via_json):
     if kwargs.get("permuted"):
         ghost.set_output_index([5, 3, 1, 0, 2, 4])
     state = ghost.state_dict()
-    record = state["_extra_state"]
+    record = decode_record(state["_extra_state"])
     assert record["kind"] == "GhostConv2d" and record["version"] == 1
     assert record["norm_layer"] == (kwargs["norm_layer"].__name__ if "norm_layer" in kwargs else None)
     assert record["act_layer"] == (kwargs["act_layer"].__name__ if "act_layer" in kwargs else None)

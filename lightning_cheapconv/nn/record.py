@@ -1,21 +1,27 @@
 """Structure records: every cheap module describes itself in its state dict (``_extra_state``).
 
-A record is a dict of primitives (so checkpoints load with ``weights_only=True``) holding the
-module's ``kind``, a ``version`` and its full configuration: exactly its constructor's arguments
-but ``device`` and ``dtype``. :func:`lightning_cheapconv.restructure` reads records from a state
-dict and rebuilds the modules they describe with :func:`build_from_record`, which checks a record
-completely (by the constructors' own rules, below) before it builds anything.
+A record is a dict of primitives holding the module's ``kind``, a ``version`` and its full
+configuration: exactly its constructor's arguments but ``device`` and ``dtype``.
+:func:`lightning_cheapconv.restructure` reads records from a state dict and rebuilds the modules
+they describe with :func:`build_from_record`, which checks a record completely (by the
+constructors' own rules, below) before it builds anything.
+
+In a state dict a record is stored as a tensor (:func:`encode_record`: a ``uint8`` tensor holding a
+fixed prefix and the record as JSON), so that exporters which treat every state-dict entry as a
+tensor (``torch.onnx.export(..., dynamo=False)``, ``torch.jit``) run, and checkpoints still load with
+``weights_only=True``. Records stored as dicts (lightning-cheapconv 0.1 checkpoints) load as well.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Mapping
 from contextlib import nullcontext
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..validation import check_bool, check_choice, check_int, check_int_pair, is_int, short_repr
@@ -24,6 +30,10 @@ __all__ = [
     "StructureRecordMixin",
     "register_kind",
     "build_from_record",
+    "encode_record",
+    "decode_record",
+    "is_encoded_record",
+    "upgrade_record",
     "registered_kinds",
     "conv_config",
     "check_positive_ints",
@@ -38,6 +48,72 @@ _PADDING_STRINGS = ("same", "valid")
 MAX_SIZE = torch.iinfo(torch.int64).max  # no tensor dimension, stride or padding is larger
 
 _KINDS: dict[str, type[StructureRecordMixin]] = {}
+
+RECORD_PREFIX = b"lightning-cheapconv structure record\n"
+MAX_RECORD_BYTES = 1 << 16  # a record is a few hundred bytes; nothing larger is decoded
+
+
+def encode_record(record: dict[str, Any]) -> Tensor:
+    """A structure record as a state-dict tensor: ``uint8``, shape ``(len,)``, :data:`RECORD_PREFIX` + JSON.
+
+    Example::
+
+        >>> t = encode_record({"kind": "FoldedBatchNorm", "version": 1, "num_features": 8})
+        >>> t.dtype, decode_record(t)["num_features"]
+        (torch.uint8, 8)
+    """
+    data = RECORD_PREFIX + json.dumps(record, separators=(",", ":"), allow_nan=False).encode()
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def is_encoded_record(value: Any) -> bool:
+    """Whether a state-dict value is a record written by :func:`encode_record` (a ``uint8`` vector with its prefix)."""
+    if not (isinstance(value, Tensor) and value.dtype == torch.uint8 and value.dim() == 1 and not value.is_meta):
+        return False
+    head = value[: len(RECORD_PREFIX)]
+    return bytes(head.cpu().tolist()) == RECORD_PREFIX
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a valid record value")
+
+
+def decode_record(value: Any, where: str = "record") -> Any:
+    """The record a state-dict value holds: a tensor from :func:`encode_record` is decoded, anything else
+    (a dict from a 0.1 checkpoint, or what a module of another library stores) is returned as it is.
+
+    Raises:
+        ValueError: naming ``where``, if the tensor carries the record prefix but is longer than
+            :data:`MAX_RECORD_BYTES` or does not hold a JSON object.
+    """
+    if not is_encoded_record(value):
+        return value
+    if value.numel() > MAX_RECORD_BYTES:
+        raise ValueError(
+            f"{where}: a structure record of {value.numel()} bytes; records are at most {MAX_RECORD_BYTES}"
+        )
+    text = bytes(value.cpu().tolist())[len(RECORD_PREFIX) :]
+    try:
+        record = json.loads(text.decode("utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{where}: the structure record is not valid JSON ({err})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a structure record (a JSON object), got {short_repr(record)}")
+    return record
+
+
+def upgrade_record(record: Any) -> Any:
+    """A record of an older ``version`` of a known kind, with the fields added since filled in with the values
+    that version meant (the kind's ``record_defaults``) and the current version; anything else unchanged
+    (:func:`build_from_record` reports what is wrong with it)."""
+    if not isinstance(record, dict):
+        return record
+    cls = _KINDS.get(record.get("kind")) if isinstance(record.get("kind"), str) else None
+    version = record.get("version")
+    if cls is None or not is_int(version) or not 1 <= version < cls.record_version:
+        return record
+    added = {k: v for k, v in cls.record_defaults.items() if k not in record}
+    return {**record, **added, "version": cls.record_version}
 
 
 def register_kind(cls: type[StructureRecordMixin]) -> type[StructureRecordMixin]:
@@ -192,6 +268,7 @@ def build_from_record(record: Any, where: str = "module", device: torch.device |
     """
     if not isinstance(record, dict) or "kind" not in record:
         raise ValueError(f"{where}: expected a structure record (a dict with 'kind'), got {short_repr(record)}")
+    record = upgrade_record(record)
     kind = record["kind"]
     cls = _KINDS.get(kind) if isinstance(kind, str) else None
     if cls is None:
@@ -234,6 +311,8 @@ class StructureRecordMixin:
     """
 
     record_version = 1
+    record_defaults: ClassVar[dict[str, Any]] = {}
+    """Fields added after version 1, and the value a record of an older version means for each."""
 
     def config(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -268,10 +347,11 @@ class StructureRecordMixin:
         start with ``prefix``) is invalid beyond its shape. Shapes and keys are :func:`restructure`'s to check;
         the base class has no further rule."""
 
-    def get_extra_state(self) -> dict[str, Any]:
-        return self.structure_record()
+    def get_extra_state(self) -> Tensor:
+        return encode_record(self.structure_record())
 
     def set_extra_state(self, state: Any) -> None:
+        state = upgrade_record(decode_record(state, f"{type(self).__name__} structure record"))
         if not isinstance(state, dict) or not records_equal(state, self.structure_record()):
             raise ValueError(
                 f"structure record {short_repr(state)} does not match this {type(self).__name__} "
