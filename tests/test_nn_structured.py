@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+from collections import Counter
 from dataclasses import dataclass
 
 import pytest
@@ -16,8 +17,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from lightning_cheapconv.nn import StructuredConv2d, StructuredLinear, build_from_record
-from lightning_cheapconv.nn.functional import window_sum, window_sum_additions
-from lightning_cheapconv.nn.record import records_equal
+from lightning_cheapconv.nn.functional import window_sum, window_sum_additions, window_sum_cumsum
+from lightning_cheapconv.nn.record import decode_record, records_equal
+from lightning_cheapconv.nn.structured import POOLINGS
 from lightning_cheapconv.structure import StructureSpec, project
 
 # nn.Conv2d's own 'same' path with even kernels warns about a padded copy; that is the reference, not us.
@@ -122,7 +124,7 @@ def _assert_relative_close(actual: torch.Tensor, expected: torch.Tensor, rel: fl
     assert error <= rel * scale, f"max error {error:.3e} > {rel:.0e} x scale {scale:.3e}"
 
 
-def _check_case(case: ConvCase, seed: int) -> None:
+def _check_case(case: ConvCase, seed: int, pooling: str = "auto") -> None:
     torch.manual_seed(seed)
     conv32 = case.dense(torch.float32)
     conv64 = copy.deepcopy(conv32).double()
@@ -131,7 +133,8 @@ def _check_case(case: ConvCase, seed: int) -> None:
     spec = case.spec
 
     # float64: exact up to rounding.
-    layer64 = StructuredConv2d.from_dense(conv64, case.hidden_channels, case.hidden_kernel)
+    layer64 = StructuredConv2d.from_dense(conv64, case.hidden_channels, case.hidden_kernel, pooling=pooling)
+    assert layer64.pooling == pooling
     assert layer64.weight.shape == (case.out_channels, case.hidden_channels, *case.hidden_kernel)
     expected = _reference(conv64, spec, x64)
     with torch.no_grad():
@@ -140,7 +143,7 @@ def _check_case(case: ConvCase, seed: int) -> None:
     torch.testing.assert_close(got, expected, atol=1e-9, rtol=1e-9)
 
     # float32 against the float64 reference.
-    layer32 = StructuredConv2d.from_dense(conv32, case.hidden_channels, case.hidden_kernel)
+    layer32 = StructuredConv2d.from_dense(conv32, case.hidden_channels, case.hidden_kernel, pooling=pooling)
     assert layer32.weight.dtype == torch.float32
     with torch.no_grad():
         _assert_relative_close(layer32(x32), expected, 1e-5)
@@ -165,10 +168,10 @@ def _check_case(case: ConvCase, seed: int) -> None:
         torch.testing.assert_close(again.bias, conv64.bias)
 
 
-@settings(max_examples=30, deadline=None)
-@given(case=conv_cases(), seed=st.integers(0, 2**16))
-def test_structured_conv_equals_projected_dense(case, seed):
-    _check_case(case, seed)
+@settings(max_examples=40, deadline=None)
+@given(case=conv_cases(), seed=st.integers(0, 2**16), pooling=st.sampled_from(POOLINGS))
+def test_structured_conv_equals_projected_dense(case, seed, pooling):
+    _check_case(case, seed, pooling)
 
 
 # Cases the property test may or may not draw, pinned so they always run.
@@ -189,40 +192,53 @@ PINNED = [
 ]
 
 
+@pytest.mark.parametrize("pooling", POOLINGS)
 @pytest.mark.parametrize("case", PINNED, ids=lambda c: f"{c.kernel}-g{c.groups}-{c.padding_mode}-{c.padding}")
-def test_structured_conv_pinned_cases(case):
-    _check_case(case, seed=7)
+def test_structured_conv_pinned_cases(case, pooling):
+    _check_case(case, seed=7, pooling=pooling)
 
 
-def test_default_hidden_sizes_and_gradients():
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_default_hidden_sizes_and_gradients(pooling):
     conv = nn.Conv2d(3, 2, 3, padding=1, dtype=torch.float64)
-    layer = StructuredConv2d.from_dense(conv)
+    layer = StructuredConv2d.from_dense(conv, pooling=pooling)
     assert layer.hidden_channels == 3 and layer.hidden_kernel_size == (2, 2)
     assert layer.windows == (1, 2, 2)
     assert StructuredConv2d(4, 6, 1).hidden_kernel_size == (1, 1)
     assert StructuredConv2d(4, 6, 3, hidden_channels=2).windows == (3, 2, 2)
     x = torch.randn(1, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(layer, (x,))
+    assert torch.autograd.gradcheck(
+        StructuredConv2d(4, 2, 3, padding=1, hidden_channels=2, pooling=pooling).double(),
+        (torch.randn(1, 4, 3, 3, dtype=torch.float64, requires_grad=True),),
+    )
     layer(x).sum().backward()
     assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("pooling", POOLINGS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_bfloat16_input_on_cpu(channels_last):
+def test_half_input_on_cpu(channels_last, dtype, pooling):
     torch.manual_seed(8)
     conv = nn.Conv2d(8, 6, 3, padding=1)
-    layer = StructuredConv2d.from_dense(conv, hidden_channels=4, hidden_kernel_size=2)
+    layer = StructuredConv2d.from_dense(conv, hidden_channels=4, hidden_kernel_size=2, pooling=pooling)
     x = torch.randn(2, 8, 9, 9)
     expected = _reference(conv.double(), layer.spec, x.double())
-    half = layer.to(torch.bfloat16)
-    xh = x.to(torch.bfloat16)
+    half = layer.to(dtype)
+    xh = x.to(dtype)
     if channels_last:
         half, xh = half.to(memory_format=torch.channels_last), xh.to(memory_format=torch.channels_last)
     with torch.no_grad():
         out = half(xh)
-    assert out.dtype == torch.bfloat16 and out.shape == expected.shape
-    _assert_relative_close(out, expected, 3e-2)
+    assert out.dtype == dtype and out.shape == expected.shape
+    # Rounding of the inputs, weights and the pooled map (and, for the average pools, of weight · volume): a few
+    # units of the dtype's eps relative to the output's scale; bfloat16's eps is 2**-7, float16's 2**-10.
+    _assert_relative_close(out, expected, 4 * torch.finfo(dtype).eps)
 
+
+def test_bfloat16_linear_on_cpu():
+    torch.manual_seed(8)
     fc = nn.Linear(12, 5)
     linear = StructuredLinear.from_dense(fc, hidden_features=5).to(torch.bfloat16)
     xl = torch.randn(3, 12)
@@ -231,6 +247,133 @@ def test_bfloat16_input_on_cpu(channels_last):
         expected = F.linear(xl.double(), project(fc.weight.double(), StructureSpec(5)), fc.bias.double())
     assert out.dtype == torch.bfloat16
     _assert_relative_close(out, expected, 3e-2)
+
+
+# --- sum-pool operator forms ---------------------------------------------------------------------------------------
+
+# Channel window with groups, a dilated spatial window (shifted adds in every form), asymmetric 'same' padding, a
+# padding too wide for the pool's own, a padding mode, a 1x1 (channel window only), and no channel window.
+FORM_CASES = [
+    ConvCase(6, 4, (3, 3), (2, 1), 1, (1, 1), 2, True, "zeros", 2, (2, 2), (2, 6, 7, 8)),
+    ConvCase(4, 4, (3, 3), (1, 1), "same", (2, 1), 1, False, "zeros", 2, (2, 1), (1, 4, 8, 7)),
+    ConvCase(3, 2, (2, 4), (1, 1), "same", (1, 1), 1, True, "zeros", 2, (1, 2), (2, 3, 6, 9)),
+    ConvCase(4, 4, (5, 5), (1, 1), 2, (1, 1), 1, True, "zeros", 4, (4, 4), (1, 4, 7, 7)),
+    ConvCase(4, 6, (3, 3), (1, 1), 1, (1, 1), 1, True, "reflect", 3, (1, 2), (1, 4, 6, 6)),
+    ConvCase(6, 4, (1, 1), (1, 1), 0, (1, 1), 1, True, "zeros", 2, (1, 1), (2, 6, 5, 5)),
+    ConvCase(4, 4, (3, 3), (1, 1), 1, (1, 1), 1, True, "zeros", 4, (2, 2), (2, 4, 6, 6)),
+]
+
+
+def _layer(case: ConvCase, pooling: str) -> StructuredConv2d:
+    torch.manual_seed(3)
+    return StructuredConv2d.from_dense(
+        case.dense(torch.float64), case.hidden_channels, case.hidden_kernel, pooling=pooling
+    )
+
+
+@pytest.mark.parametrize("case", FORM_CASES, ids=lambda c: f"{c.kernel}-d{c.dilation}-{c.padding}-{c.padding_mode}")
+def test_pooling_forms_agree_with_gradients(case):
+    """Every form: the same output, pool, input gradient and weight gradient as the shifted adds, in train mode."""
+    torch.manual_seed(4)
+    x = torch.randn(case.input_shape, dtype=torch.float64)
+    results = {}
+    for pooling in POOLINGS:
+        layer = _layer(case, pooling).train()
+        xg = x.clone().requires_grad_(True)
+        out = layer(xg)
+        out.backward(torch.ones_like(out) + out.detach())
+        results[pooling] = (out.detach(), layer.pool(x).detach(), xg.grad, layer.weight.grad)
+    for pooling, values in results.items():
+        for got, expected in zip(values, results["adds"], strict=True):
+            torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10, msg=f"pooling={pooling}")
+
+
+def _onnx_ops(module: nn.Module, x: torch.Tensor) -> Counter:
+    program = torch.onnx.export(module, (x,), dynamo=True, verbose=False)
+    return Counter(node.op_type for node in program.model_proto.graph.node)
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("hidden_channels", [8, 4])
+def test_auto_exports_average_pools_not_slice_chains(hidden_channels):
+    pytest.importorskip("onnxscript")
+    layer = StructuredConv2d(8, 8, 3, padding=1, hidden_channels=hidden_channels).eval()
+    x = torch.randn(1, 8, 6, 6)
+    adds = _onnx_ops(StructuredConv2d(**{**layer.config(), "pooling": "adds"}).eval(), x)
+    auto = _onnx_ops(layer, x)
+    assert adds["Slice"] >= 4 and adds["AveragePool"] == 0
+    assert auto["AveragePool"] == 1 and auto["Add"] == 0
+    if hidden_channels == 8:  # no channel window: one AveragePool with its own padding, then the conv
+        assert set(auto) <= {"AveragePool", "Conv", "Mul"}
+    else:  # the channel window as one cumulative-sum difference
+        assert auto["CumSum"] == 1 and auto["Slice"] == 2 and auto["Pad"] == 1
+    assert _onnx_ops(StructuredConv2d(**{**layer.config(), "pooling": "avg_pool"}).eval(), x)["AveragePool"] == 1
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+def test_auto_picks_by_context(monkeypatch):
+    layer = StructuredConv2d(8, 8, 3, padding=1, hidden_channels=4).eval()
+    x = torch.randn(1, 8, 6, 6)
+    assert layer.active_pooling() == "adds"  # eager
+    traced = torch.jit.trace(layer, x)
+    nodes = {node.kind() for node in traced.inlined_graph.nodes()}
+    assert "aten::cumsum" in nodes and "aten::avg_pool2d" in nodes
+    torch.testing.assert_close(traced(x), layer(x))
+    exported = torch.export.export(layer, (x,))
+    targets = {str(node.target) for node in exported.graph.nodes}
+    assert any("cumsum" in t for t in targets) and any("avg_pool2d" in t for t in targets)
+    # torch.compile (compiling, not exporting) keeps the shifted adds.
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert layer.active_pooling() == "adds"
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    assert layer.active_pooling() == "cumsum"
+    for pooling in POOLINGS[1:]:
+        layer.set_pooling(pooling)
+        assert layer.active_pooling() == pooling
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_torchscript_runs_every_form(pooling):
+    layer = StructuredConv2d(6, 4, 3, padding=1, dilation=(1, 2), groups=2, hidden_channels=2, pooling=pooling).eval()
+    x = torch.randn(2, 6, 7, 8)
+    for _ in range(2):  # scripting the same class twice in one process
+        scripted = torch.jit.script(layer)
+        torch.testing.assert_close(scripted(x), layer(x))
+    # auto runs the exported form when scripted
+    assert scripted.active_pooling() == ("cumsum" if pooling == "auto" else pooling)
+
+
+@pytest.mark.parametrize("pooling", ["sum", None, "AUTO"])
+def test_bad_pooling_is_a_clear_error(pooling):
+    match = r"StructuredConv2d: pooling=.* is not valid; valid values are 'auto', 'adds', 'avg_pool' and 'cumsum'"
+    with pytest.raises(ValueError, match=match):
+        StructuredConv2d(4, 4, 3, pooling=pooling)
+    with pytest.raises(ValueError, match=match):
+        StructuredConv2d.from_dense(nn.Conv2d(4, 4, 3), pooling=pooling)
+
+
+def test_set_pooling_validates_and_keeps_weights():
+    layer = StructuredConv2d(4, 4, 3, padding=1, hidden_channels=2, pooling="avg_pool")
+    weights = {k: v.clone() for k, v in layer.named_parameters()}
+    record = layer.structure_record()
+    with pytest.raises(ValueError, match="pooling='fast' is not valid"):
+        layer.set_pooling("fast")
+    assert layer.pooling == "avg_pool" and layer.structure_record() == record
+    layer.set_pooling("adds")
+    assert layer.pooling == "adds" and layer.config()["pooling"] == "adds"
+    assert all(torch.equal(p, weights[k]) for k, p in layer.named_parameters())
+    assert "pooling='adds'" in repr(layer) and "pooling" not in repr(StructuredConv2d(4, 4, 3))
+
+
+def test_pooling_survives_records_and_from_dense():
+    layer = StructuredConv2d.from_dense(nn.Conv2d(4, 4, 3), hidden_channels=2, pooling="cumsum")
+    assert layer.pooling == "cumsum"
+    record = layer.structure_record()
+    assert record["version"] == 2 and record["pooling"] == "cumsum"
+    assert build_from_record(json.loads(json.dumps(record))).pooling == "cumsum"
+    assert StructuredConv2d(**layer.config()).config() == layer.config()  # the constructor takes config() back
+    assert StructuredConv2d.record_defaults == {"pooling": "auto"}
 
 
 # --- StructuredLinear ---------------------------------------------------------------------------------------------
@@ -301,6 +444,8 @@ def test_window_sum_equals_naive_loop(length, window, dilation, dim, seed):
     got = window_sum(x, dim, window, dilation)
     expected = _naive_window_sum(x, dim, window, dilation)
     assert torch.equal(got, expected)
+    if dilation == 1:  # small integers: the prefix-sum differences are exact too
+        assert torch.equal(window_sum_cumsum(x, dim - 3, window), expected)
     # ... and its addition count is what it really does.
     counted = _count_additions(lambda: window_sum(x, dim, window, dilation))
     others = x.numel() // length
@@ -316,6 +461,12 @@ def test_window_sum_examples_and_errors():
         window_sum(torch.ones(3), 0, 0)
     with pytest.raises(ValueError, match="dilation >= 1"):
         window_sum(torch.ones(3), 0, 2, dilation=0)
+    assert window_sum_cumsum(torch.arange(5.0), dim=0, window=2).tolist() == [1.0, 3.0, 5.0, 7.0]
+    assert window_sum_cumsum(torch.ones(4, dtype=torch.float16), 0, 2).dtype == torch.float32
+    with pytest.raises(ValueError, match="window >= 1"):
+        window_sum_cumsum(torch.ones(3), 0, 0)
+    with pytest.raises(ValueError, match="a window of 4 does not fit a dimension of size 3"):
+        window_sum_cumsum(torch.ones(3), 0, 4)
 
 
 class _AddCounter(TorchFunctionMode):
@@ -406,8 +557,8 @@ def test_state_dict_carries_structure_record():
     layer = StructuredConv2d(6, 4, (3, 1), stride=2, padding=(1, 0), groups=2, hidden_channels=2)
     state = layer.state_dict()
     assert set(state) == {"weight", "bias", "_extra_state"}
-    record = state["_extra_state"]
-    assert record["kind"] == "StructuredConv2d" and record["version"] == 1
+    record = decode_record(state["_extra_state"])
+    assert record["kind"] == "StructuredConv2d" and record["version"] == StructuredConv2d.record_version
     assert record["in_channels"] == 6 and record["out_channels"] == 4 and record["groups"] == 2
     assert tuple(record["kernel_size"]) == (3, 1) and tuple(record["stride"]) == (2, 2)
     assert tuple(record["padding"]) == (1, 0) and record["bias"] is True
@@ -418,7 +569,7 @@ def test_state_dict_carries_structure_record():
     torch.save(state, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=True)
-    assert records_equal(loaded["_extra_state"], record)
+    assert records_equal(decode_record(loaded["_extra_state"]), record)
 
 
 @pytest.mark.parametrize(
@@ -427,6 +578,7 @@ def test_state_dict_carries_structure_record():
         lambda: StructuredConv2d(4, 6, 3, padding="same", dilation=2, bias=False, padding_mode="reflect"),
         lambda: StructuredConv2d(6, 4, (3, 1), stride=2, padding=(1, 0), groups=2, hidden_channels=2),
         lambda: StructuredConv2d(4, 4, 3, groups=4, hidden_kernel_size=(1, 2)),
+        lambda: StructuredConv2d(4, 4, 3, hidden_channels=2, pooling="cumsum"),
         lambda: StructuredLinear(10, 3, hidden_features=4),
         lambda: StructuredLinear(10, 3, bias=False),
     ],
@@ -435,7 +587,7 @@ def test_state_dict_carries_structure_record():
 def test_build_from_record_rebuilds_identical_module(make, via_json):
     torch.manual_seed(9)
     layer = make()
-    record = layer.state_dict()["_extra_state"]
+    record = decode_record(layer.state_dict()["_extra_state"])
     if via_json:  # serializers may turn tuples into lists
         record = json.loads(json.dumps(record))
     rebuilt = build_from_record(record)
@@ -509,3 +661,18 @@ def test_extra_repr_shows_configuration():
     for part in ("8, 4", "kernel_size=(3, 3)", "padding=(1, 1)", "groups=2", "bias=False", "hidden_channels=2"):
         assert part in text
     assert "hidden_features=3" in repr(StructuredLinear(6, 2, hidden_features=3))
+
+
+def test_loading_a_record_that_differs_only_in_pooling_adopts_it():
+    source = StructuredConv2d(8, 8, 3, padding=1, hidden_channels=4, pooling="cumsum")
+    target = StructuredConv2d(8, 8, 3, padding=1, hidden_channels=4)
+    target.load_state_dict(source.state_dict())
+    assert target.pooling == "cumsum"
+    x = torch.randn(2, 8, 6, 6)
+    assert torch.allclose(target(x), source(x), rtol=1e-5, atol=1e-6)
+    # Any other difference still needs restructure, and a pooling the library does not know is refused.
+    with pytest.raises(ValueError, match="restructure"):
+        StructuredConv2d(8, 8, 3, padding=1, hidden_channels=2).load_state_dict(source.state_dict())
+    with pytest.raises(ValueError, match="pooling"):
+        target.set_extra_state({**source.structure_record(), "pooling": "fft"})
+    assert target.pooling == "cumsum"

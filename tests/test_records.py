@@ -22,6 +22,7 @@ from lightning_cheapconv.convert import replace_modules
 from lightning_cheapconv.nn import (
     FoldedBatchNorm,
     FusedConv2d,
+    FusedGhostConv2d,
     GhostConv2d,
     SqueezeExcite,
     StructuredConv2d,
@@ -327,7 +328,9 @@ def test_record_format_is_unchanged():
         GhostConv2d: "in_channels out_channels kernel_size stride padding dilation bias ratio dw_size padding_mode "
         "norm_layer act_layer permuted",
         StructuredConv2d: "in_channels out_channels kernel_size stride padding dilation groups bias padding_mode "
-        "hidden_channels hidden_kernel_size",
+        "hidden_channels hidden_kernel_size pooling",
+        FusedGhostConv2d: "in_channels out_channels kernel_size stride padding dilation ratio dw_size padding_mode "
+        "permuted",
         StructuredLinear: "in_features out_features bias hidden_features",
         FusedConv2d: "in_channels out_channels kernel_size stride padding dilation groups bias padding_mode",
         FoldedBatchNorm: "num_features",

@@ -1,5 +1,6 @@
-"""Exact folds, in place: BatchNorm into the layer before it (:func:`fold_batchnorm`) and Ghost
-modules' output permutations into the layers after them (:func:`fold_ghost_permutations`).
+"""Exact folds, in place: BatchNorm into the layer before it (:func:`fold_batchnorm`, Ghost modules
+included, half precision too) and Ghost modules' output permutations into their own weights or the
+layers after them (:func:`fold_ghost_permutations`).
 
 Both find their pairs in an fx trace of the model that keeps cheap modules whole, check every fold
 on the example input, and report each fold applied or refused as a :class:`Fold`.
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..convert import replace_modules
 from ..nn import GhostConv2d, StructuredConv2d
-from ..nn.fused import FoldedBatchNorm, FusedConv2d
+from ..nn.fused import FoldedBatchNorm, FusedConv2d, FusedGhostConv2d
 from ..nn.record import StructureRecordMixin, conv_config
 from ._utils import _device_dtype, _first_inputs, _forward, _like, _tolerance, _unique_modules, relative_difference
 
@@ -59,9 +59,10 @@ _ELEMENTWISE_FUNCTIONS = {
 _ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
 
 
-def _check_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Exactness checks run in float32 for half-precision models (their own rounding says nothing about a fold)."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+_HALF = (torch.float16, torch.bfloat16)
+HALF_ERROR_FACTOR = 4.0
+"""A half-precision fold is accepted when its error against a float64 reference is at most this many times the
+unfolded half-precision pair's own error against that reference (or below the tolerance)."""
 
 
 # ----------------------------------------------------------------------------------------------- graph analysis
@@ -173,11 +174,15 @@ def _fuse_structured(conv: StructuredConv2d, bn: nn.Module) -> nn.Module:
 
 
 def _fuse_ghost(ghost: GhostConv2d, bn: nn.Module) -> tuple[nn.Module | None, str]:
-    """Fold a BatchNorm after a conv-only Ghost module where that is exact, else say why not.
+    """Fold a BatchNorm after a conv-only Ghost module (or a :class:`FusedGhostConv2d`) exactly, else say why not.
 
-    Scales fold always (the cheap conv's kernel is rescaled by ghost scale / intrinsic scale); a
-    BatchNorm *shift* on an intrinsic map reaches its ghosts through the depthwise conv, which at
-    zero-padded borders sums fewer taps: exact only for a 1x1 cheap conv or a zero shift.
+    ``y = a·out + b`` per channel. The primary conv takes the intrinsic channels' scale (``z' = a·z``),
+    each ghost's depthwise kernel the ratio of its scale to its intrinsic's and its bias the ghost's
+    shift, so ``cheap(z')`` is the normalized ghost, zero padding included. The intrinsic channels'
+    shift goes into the primary conv's bias where the depthwise conv cannot see it wrongly (a 1x1
+    depthwise conv, which reads no padding, or a zero shift): the result is a plain ``GhostConv2d``.
+    Otherwise it becomes the ``intrinsic_bias`` of a :class:`FusedGhostConv2d`, added after the depthwise
+    conv has read the intrinsic maps.
     """
     if ghost.norm_name is not None or ghost.act_name is not None:
         return None, "the Ghost module applies its own norm/activation between its convs"
@@ -193,32 +198,44 @@ def _fuse_ghost(ghost: GhostConv2d, bn: nn.Module) -> tuple[nn.Module | None, st
     parent = torch.arange(m * (ratio - 1), device=device) // (ratio - 1)
     if bool((a_int == 0).any()):
         return None, "a BatchNorm scale of 0 on an intrinsic channel (its ghosts could not be recovered)"
+    bias0 = getattr(ghost, "intrinsic_bias", None)
+    bias0 = bias0.detach().double() if bias0 is not None else torch.zeros_like(a_int)
+    carried = a_int * bias0 + b_int  # the intrinsic maps' shift after the fold
     # A shift is zero when the BatchNorm's bias cancels its mean term (up to float rounding of that cancellation).
     size = torch.zeros(m * ratio, dtype=torch.float64, device=device)
     beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(shift)
     size[index] = beta.abs() + (beta - shift).abs()
-    if ghost.dw_size > 1 and bool((b_int.abs() > 1e-6 * size[:m]).any()):
-        return None, (
-            "not exact: the BatchNorm shift of the intrinsic maps would reach the ghosts through the "
-            f"{ghost.dw_size}x{ghost.dw_size} depthwise conv, which sums fewer taps at zero-padded borders"
-        )
+    into_primary = ghost.dw_size == 1 or not bool((carried.abs() > 1e-6 * (size[:m] + (a_int * bias0).abs())).any())
     primary, cheap = ghost.primary, ghost.cheap
-    config = {**ghost.config(), "bias": True, "permuted": False}
-    config["norm_layer"] = config["act_layer"] = None
-    fused = GhostConv2d(**config, device=primary.weight.device, dtype=primary.weight.dtype)
+    factory = {"device": primary.weight.device, "dtype": primary.weight.dtype}
+    if into_primary:
+        config = {**ghost.config(), "bias": True, "norm_layer": None, "act_layer": None}
+        fused: GhostConv2d = GhostConv2d(**config, **factory)
+        shift_int = carried
+        detail = "exact: scale into both convs, shift into their biases"
+    else:
+        config = {k: v for k, v in ghost.config().items() if k not in ("bias", "norm_layer", "act_layer")}
+        fused = FusedGhostConv2d(**config, **factory)
+        shift_int = torch.zeros_like(carried)
+        detail = (
+            "exact: scale into both convs, the ghosts' shift into the depthwise bias, the intrinsic maps' shift "
+            "added after the depthwise conv (FusedGhostConv2d)"
+        )
     fused.set_output_index(ghost.output_index)
     ratio_g = a_ghost / a_int[parent]
     with torch.no_grad():
         w = primary.weight.detach().double()
         fused.primary.weight.copy_(w * a_int.view(-1, 1, 1, 1))
         b0 = primary.bias.detach().double() if primary.bias is not None else torch.zeros_like(a_int)
-        fused.primary.bias.copy_(b0 * a_int + b_int)
+        fused.primary.bias.copy_(b0 * a_int + shift_int)
         wc = cheap.weight.detach().double()
         fused.cheap.weight.copy_(wc * ratio_g.view(-1, 1, 1, 1))
         c0 = cheap.bias.detach().double() if cheap.bias is not None else torch.zeros_like(a_ghost)
-        taps = wc.sum(dim=(1, 2, 3))
-        fused.cheap.bias.copy_(a_ghost * c0 + b_ghost - ratio_g * b_int[parent] * taps)
-    return _like(fused, primary), "exact"
+        taps = wc.sum(dim=(1, 2, 3))  # what a shift of the intrinsic map adds to the ghost away from borders
+        fused.cheap.bias.copy_(a_ghost * c0 + b_ghost - ratio_g * shift_int[parent] * taps)
+        if isinstance(fused, FusedGhostConv2d):
+            fused.intrinsic_bias.copy_(carried)
+    return _like(fused, primary), detail
 
 
 def _fuse(conv: nn.Module, bn: nn.Module) -> tuple[nn.Module | None, str]:
@@ -232,12 +249,12 @@ def _fuse(conv: nn.Module, bn: nn.Module) -> tuple[nn.Module | None, str]:
         return _fuse_plain(conv, bn), "exact"
     if type(conv) is StructuredConv2d:
         return _fuse_structured(conv, bn), "exact"
-    if type(conv) is GhostConv2d:
+    if type(conv) in (GhostConv2d, FusedGhostConv2d):
         return _fuse_ghost(conv, bn)
     return None, f"{type(conv).__name__} is not a layer BatchNorm folds into"
 
 
-_FOLDABLE_CONVS = (nn.Conv2d, FusedConv2d, StructuredConv2d, GhostConv2d)
+_FOLDABLE_CONVS = (nn.Conv2d, FusedConv2d, StructuredConv2d, GhostConv2d, FusedGhostConv2d)
 
 
 def _bn_pairs(model: nn.Module, graph: torch.fx.Graph | None) -> list[tuple[str, str]]:
@@ -272,12 +289,30 @@ def _bn_pairs(model: nn.Module, graph: torch.fx.Graph | None) -> list[tuple[str,
     return pairs
 
 
-def _verify_fold(reference: Callable[[Tensor], Tensor], candidate: nn.Module, x: Tensor, dtype: torch.dtype) -> float:
-    check = _check_dtype(dtype)
+def _verify_fold(pair: nn.Module, fused: nn.Module, x: Tensor, dtype: torch.dtype, tolerance: float) -> Fold:
+    """Check a fold on ``x`` (one sample of the layer's input); the returned ``Fold`` has empty names.
+
+    In float32/float64 the folded layer must match the conv+BatchNorm pair within ``tolerance``. In
+    float16/bfloat16 the folded weights are rounded to the model's dtype, which alone differs from
+    the pair by about the dtype's epsilon: both the pair and the folded layer run in that dtype and
+    are compared with the pair in float64 (the same half-precision weights, exactly), and the fold is
+    accepted when its error is at most :data:`HALF_ERROR_FACTOR` times the pair's own (or below
+    ``tolerance``): it is then as exact as the unfolded model is in that precision.
+    """
     with torch.inference_mode():
-        expected = reference(x.to(check))
-        got = copy.deepcopy(candidate).to(check)(x.to(check))
-    return relative_difference(got, expected)
+        if dtype not in _HALF:
+            diff = relative_difference(fused(x), pair(x))
+            if diff < tolerance:
+                return Fold("batchnorm", "", "", True, "", diff)
+            return Fold("batchnorm", "", "", False, f"not exact (relative difference {diff:.2e})", diff)
+        expected = copy.deepcopy(pair).double()(x.double())
+        own = relative_difference(pair(x), expected)
+        diff = relative_difference(fused(x), expected)
+    name = str(dtype).removeprefix("torch.")
+    versus = f"{diff:.2e} vs {own:.2e} for the unfolded {name} pair, against float64"
+    if diff < tolerance or diff <= HALF_ERROR_FACTOR * own:
+        return Fold("batchnorm", "", "", True, f"; within the {name} rounding of the unfolded pair ({versus})", diff)
+    return Fold("batchnorm", "", "", False, f"not exact in {name} ({versus})", diff)
 
 
 def fold_batchnorm(model: nn.Module, example_input: Tensor, tolerance: float = 1e-5) -> list[Fold]:
@@ -286,13 +321,19 @@ def fold_batchnorm(model: nn.Module, example_input: Tensor, tolerance: float = 1
     A BatchNorm folds when its only input is the output of a plain ``nn.Conv2d`` (the pair becomes
     a :class:`FusedConv2d`, through :func:`torch.nn.utils.fusion.fuse_conv_bn_weights`), a
     :class:`~lightning_cheapconv.nn.StructuredConv2d` (alpha scaled per output channel, bias
-    added) or a conv-only :class:`~lightning_cheapconv.nn.GhostConv2d` when that is exact (see
-    :class:`Fold` details), and nothing else uses that output. Pairs come from an fx trace of the
-    model (cheap modules kept whole) or, when the model cannot be traced, from consecutive
-    children of ``nn.Sequential`` containers. Each fold is checked on the input its layer sees
-    for ``example_input`` (first sample; float32 for half-precision models) and applied only if
-    the relative output difference is below ``tolerance``; the BatchNorm's place is taken by a
-    :class:`FoldedBatchNorm`, so the state dict restructures into a fresh model.
+    added) or a conv-only :class:`~lightning_cheapconv.nn.GhostConv2d` (scale into both convs; the
+    shift into their biases where the depthwise conv cannot see it wrongly, else the Ghost module
+    becomes a :class:`~lightning_cheapconv.nn.FusedGhostConv2d` that adds the intrinsic maps' shift
+    after its depthwise conv: exact at zero-padded borders), and nothing else uses that output.
+    Pairs come from an fx trace of the model (cheap modules kept whole) or, when the model cannot
+    be traced, from consecutive children of ``nn.Sequential`` containers. The folded weights are
+    computed in float64 and stored in the model's dtype. Each fold is checked on the input its
+    layer sees for ``example_input`` (first sample) and applied only if the relative output
+    difference is below ``tolerance``; in float16/bfloat16, where rounding the folded weights alone
+    differs by about the dtype's epsilon, it is applied if its error against the pair computed in
+    float64 is at most :data:`HALF_ERROR_FACTOR` times the unfolded pair's own (the ``Fold`` detail
+    gives both). The BatchNorm's place is taken by a :class:`FoldedBatchNorm`, so the state dict
+    restructures into a fresh model.
 
     Example::
 
@@ -325,15 +366,12 @@ def fold_batchnorm(model: nn.Module, example_input: Tensor, tolerance: float = 1
         if sample is None:
             folds.append(Fold("batchnorm", conv_name, bn_name, False, "not called by the example input"))
             continue
-        check = _check_dtype(dtype)
-        pair = nn.Sequential(copy.deepcopy(conv), copy.deepcopy(bn)).to(check).eval()
-        diff = _verify_fold(pair, fused, sample, dtype)
-        if not diff < tolerance:
-            folds.append(
-                Fold("batchnorm", conv_name, bn_name, False, f"not exact (relative difference {diff:.2e})", diff)
-            )
+        pair = nn.Sequential(copy.deepcopy(conv), copy.deepcopy(bn)).eval()
+        check = _verify_fold(pair, fused.eval(), sample, dtype, tolerance)
+        if not check.applied:
+            folds.append(Fold("batchnorm", conv_name, bn_name, False, check.detail, check.max_rel_diff))
             continue
-        folds.append(Fold("batchnorm", conv_name, bn_name, True, detail, diff))
+        folds.append(Fold("batchnorm", conv_name, bn_name, True, detail + check.detail, check.max_rel_diff))
         replacements[conv_name] = fused.train(False)
         replacements[bn_name] = FoldedBatchNorm(bn.num_features)
     if replacements:
@@ -349,7 +387,7 @@ def _permute_consumer(module: nn.Module, index: Tensor) -> nn.Module | None:
     when ``module`` cannot absorb an input permutation."""
     if type(module) in (nn.Conv2d, FusedConv2d) and module.groups == 1:
         weight_of = lambda m: m.weight  # noqa: E731
-    elif type(module) is GhostConv2d:
+    elif type(module) in (GhostConv2d, FusedGhostConv2d):
         weight_of = lambda m: m.primary.weight  # noqa: E731
     elif type(module) is StructuredConv2d and module.groups == 1 and module.windows[0] == 1:
         weight_of = lambda m: m.weight  # noqa: E731
@@ -373,6 +411,39 @@ def _permute_bn(bn: nn.Module, index: Tensor) -> nn.Module:
                 permuted = torch.empty_like(tensor)
                 permuted[index.to(tensor.device)] = tensor
                 getattr(new, name).copy_(permuted)
+    return new
+
+
+def _absorb_own_permutation(ghost: GhostConv2d, index: Tensor) -> GhostConv2d | None:
+    """A copy of ``ghost`` without output permutation whose convs' channels are reordered instead, or ``None``.
+
+    Possible when the permutation only reorders the intrinsic maps together with their ghosts: the first
+    ``intrinsic_channels`` outputs are the intrinsic maps in some order ``σ`` and the rest are ghosts, the
+    ``j``-th of them a ghost of intrinsic ``σ[j // (ratio - 1)]``. Then ``cat(primary[σ], cheap[τ])`` is
+    the output, with no gather.
+    """
+    if ghost.norm_name is not None:
+        return None
+    m, per = ghost.intrinsic_channels, ghost.ratio - 1
+    index = index.cpu()
+    order, ghosts = index[:m], index[m:] - m
+    if not torch.equal(order.sort().values, torch.arange(m)) or bool((ghosts < 0).any()):
+        return None
+    if not torch.equal(ghosts // per, order[torch.arange(len(ghosts)) // per]):
+        return None
+    spare = [g for g in range(m * per) if g not in set(ghosts.tolist())]  # dropped ghosts: fill the unused slots
+    spare_of = {i: [g for g in spare if g // per == i] for i in range(m)}
+    tail = [spare_of[int(order[j // per])].pop() for j in range(len(ghosts), m * per)]
+    cheap_order = torch.cat([ghosts, torch.tensor(tail, dtype=ghosts.dtype)])
+    new = copy.deepcopy(ghost)
+    new.set_output_index(None)
+    with torch.no_grad():
+        for conv, rows in ((new.primary, order), (new.cheap, cheap_order)):
+            for tensor in (conv.weight, conv.bias):
+                if tensor is not None:
+                    tensor.copy_(tensor[rows.to(tensor.device)].clone())
+        if isinstance(new, FusedGhostConv2d):
+            new.intrinsic_bias.copy_(new.intrinsic_bias[order.to(new.intrinsic_bias.device)].clone())
     return new
 
 
@@ -422,7 +493,9 @@ def fold_ghost_permutations(model: nn.Module, example_input: Tensor, tolerance: 
     """Remove the output permutations of Ghost modules where that is exact, in place (eval mode).
 
     Weight inheritance keeps a converted conv's channel order with an ``output_index`` gather.
-    An identity permutation is dropped. Otherwise, when the permutation covers the first
+    An identity permutation is dropped. A permutation that only reorders the intrinsic maps together
+    with their ghosts (intrinsic maps first) moves into the module's own primary and depthwise
+    weights. Otherwise, when the permutation covers the first
     ``out_channels`` channels and the output flows, through BatchNorms (their parameters and
     statistics are permuted) and channel-wise activations only, into a single layer that can
     absorb it (a plain dense conv, a Ghost module's primary conv, or a structured conv without
@@ -454,6 +527,12 @@ def fold_ghost_permutations(model: nn.Module, example_input: Tensor, tolerance: 
             undo.setdefault(name, copy.deepcopy(ghost))
             ghost.set_output_index(None)
             folds.append(Fold("identity", name, name, True, "identity permutation dropped"))
+            continue
+        absorbed = _absorb_own_permutation(ghost, index)
+        if absorbed is not None:
+            undo.setdefault(name, ghost)
+            replace_modules(model, {name: absorbed})
+            folds.append(Fold("permutation", name, name, True, "exact: into its own primary and depthwise weights"))
             continue
         if not torch.equal(index.sort().values, torch.arange(ghost.out_channels)):
             folds.append(Fold("permutation", name, "", False, "the permutation selects channels past out_channels"))

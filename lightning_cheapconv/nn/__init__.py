@@ -1,7 +1,7 @@
 """Cheap operators in pure PyTorch (no Lightning import)."""
 
 from .crelu import CReLU
-from .fused import FoldedBatchNorm, FusedConv2d
+from .fused import FoldedBatchNorm, FusedConv2d, FusedGhostConv2d
 from .ghost import GhostBottleneck, GhostConv2d
 from .record import build_from_record
 from .separable import DepthwiseSeparableConv2d
@@ -15,6 +15,7 @@ __all__ = [
     "DepthwiseSeparableConv2d",
     "FoldedBatchNorm",
     "FusedConv2d",
+    "FusedGhostConv2d",
     "GhostBottleneck",
     "GhostConv2d",
     "SqueezeExcite",

@@ -1,17 +1,19 @@
-"""Inference forms with structure records: a conv with a BatchNorm folded in, and what stands where
-the BatchNorm was. Made by :func:`lightning_cheapconv.deploy.fold_batchnorm`; they live among the
+"""Inference forms with structure records: a conv or a Ghost module with a BatchNorm folded in, and what
+stands where the BatchNorm was. Made by :func:`lightning_cheapconv.deploy.fold_batchnorm`; they live among the
 operators so that :func:`lightning_cheapconv.restructure` knows their kinds without importing deploy."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from ..validation import check_bool
+from .ghost import GhostConv2d, check_ghost_sizes
 from .record import StructureRecordMixin, check_conv_args, check_positive_ints, conv_config, register_kind
 
-__all__ = ["FusedConv2d", "FoldedBatchNorm"]
+__all__ = ["FusedConv2d", "FusedGhostConv2d", "FoldedBatchNorm"]
 
 
 @register_kind
@@ -53,6 +55,87 @@ class FusedConv2d(StructureRecordMixin, nn.Conv2d):
 
     def config(self) -> dict[str, Any]:
         return conv_config(self)
+
+
+@register_kind
+class FusedGhostConv2d(GhostConv2d):
+    """A conv-only :class:`~lightning_cheapconv.nn.GhostConv2d` into which the BatchNorm that followed it was
+    folded exactly (for inference), with an ``intrinsic_bias`` that the depthwise branch does not see.
+
+    A BatchNorm ``y = a·out + b`` after a Ghost module (Han et al., CVPR 2020) folds into its weights
+    as follows: the primary conv is scaled by the intrinsic channels' ``a`` (``z' = a·z``, no shift),
+    the depthwise kernel of each ghost by ``a_ghost / a_intrinsic`` and its bias takes the ghost's shift,
+    so ``cheap(z')`` is exactly the normalized ghost, zero padding included. The intrinsic channels'
+    shift ``b`` cannot go into the primary conv's bias (the depthwise conv would see it, and at
+    zero-padded borders it sums fewer taps), so it is added to the intrinsic maps after the depthwise
+    conv has read them: ``out = cat(z' + intrinsic_bias, cheap(z'))``, then the output permutation as
+    in ``GhostConv2d``. The added cost is one elementwise add over ``intrinsic_channels`` maps (an
+    ``Add`` node in ONNX) instead of a BatchNorm over all ``out_channels``; ``intrinsic_bias`` is in
+    intrinsic-channel order, so an output permutation can still move into the next layer.
+
+    :func:`lightning_cheapconv.deploy.fold_batchnorm` makes it where the plain Ghost fold would be
+    inexact (a depthwise kernel larger than 1x1 and a non-zero intrinsic shift). Both convs have a bias;
+    there is no norm or activation inside. Arguments are ``GhostConv2d``'s but ``bias``,
+    ``norm_layer`` and ``act_layer``, checked by the same rules (``ValueError`` naming the argument,
+    its value and the valid range); its structure record lets :func:`lightning_cheapconv.restructure`
+    rebuild it in a fresh model.
+
+    Example::
+
+        >>> fused = FusedGhostConv2d(16, 32, 3, padding=1, ratio=2, dw_size=3)
+        >>> fused.intrinsic_bias.shape, fused(torch.randn(1, 16, 8, 8)).shape
+        (torch.Size([16]), torch.Size([1, 32, 8, 8]))
+    """
+
+    record_version = 1  # its own record history, not GhostConv2d's
+    record_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: str | int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        ratio: int = 2,
+        dw_size: int = 3,
+        padding_mode: str = "zeros",
+        permuted: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        owner = "FusedGhostConv2d"  # checked here too, so that errors name this class
+        check_conv_args(owner, in_channels, out_channels, kernel_size, stride, padding, dilation, 1, True, padding_mode)
+        check_ghost_sizes(ratio, dw_size, owner=owner)
+        check_bool("permuted", permuted, owner=owner)
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            bias=True,
+            ratio=ratio,
+            dw_size=dw_size,
+            padding_mode=padding_mode,
+            permuted=permuted,
+            device=device,
+            dtype=dtype,
+        )
+        self.intrinsic_bias = nn.Parameter(torch.zeros(self.intrinsic_channels, device=device, dtype=dtype))
+
+    def config(self) -> dict[str, Any]:
+        config = super().config()
+        for key in ("bias", "norm_layer", "act_layer"):
+            del config[key]
+        return config
+
+    def forward(self, x: Tensor) -> Tensor:
+        intrinsic = self.primary_conv(x)
+        ghosts = self.cheap_operation(intrinsic)  # reads the intrinsic maps before their shift
+        return self._assemble(intrinsic + self.intrinsic_bias.view(1, -1, 1, 1), ghosts)
 
 
 @register_kind

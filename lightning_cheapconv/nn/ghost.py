@@ -75,6 +75,9 @@ class GhostConv2d(StructureRecordMixin, nn.Module):
         torch.Size([1, 128, 16, 16])
     """
 
+    # TorchScript compiles a module's properties; these two index containers it cannot (forward does not use them).
+    __jit_unused_properties__ = ["primary", "cheap"]
+
     def __init__(
         self,
         in_channels: int,
@@ -205,12 +208,18 @@ class GhostConv2d(StructureRecordMixin, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         intrinsic = self.primary_conv(x)
-        out = torch.cat([intrinsic, self.cheap_operation(intrinsic)], dim=1)
+        return self._assemble(intrinsic, self.cheap_operation(intrinsic))
+
+    def _assemble(self, intrinsic: Tensor, ghosts: Tensor) -> Tensor:
+        """The output from the intrinsic maps and their ghosts: one concatenation, then a gather only when
+        ``output_index`` is set. Unpermuted, only the ghosts that are kept are concatenated (no slice at all when
+        ``out_channels == ratio · intrinsic_channels``), so the exported graph is a single Concat."""
         if self.output_index is not None:
-            return out.index_select(1, self.output_index)
-        if out.shape[1] != self.out_channels:
-            out = out[:, : self.out_channels]
-        return out
+            return torch.cat([intrinsic, ghosts], dim=1).index_select(1, self.output_index)
+        kept = self.out_channels - self.intrinsic_channels
+        if ghosts.shape[1] != kept:
+            ghosts = ghosts[:, :kept]
+        return torch.cat([intrinsic, ghosts], dim=1)
 
     def extra_repr(self) -> str:
         return (

@@ -313,6 +313,9 @@ class StructureRecordMixin:
     record_version = 1
     record_defaults: ClassVar[dict[str, Any]] = {}
     """Fields added after version 1, and the value a record of an older version means for each."""
+    record_adopted: ClassVar[tuple[str, ...]] = ()
+    """Fields that choose how the module computes, not what: loading a record that differs in them only sets them
+    (through :meth:`adopt`), where any other difference needs :func:`~lightning_cheapconv.restructure`."""
 
     def config(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -347,11 +350,20 @@ class StructureRecordMixin:
         start with ``prefix``) is invalid beyond its shape. Shapes and keys are :func:`restructure`'s to check;
         the base class has no further rule."""
 
+    def adopt(self, field: str, value: Any) -> None:
+        """Set one of :attr:`record_adopted` from a loaded record (raising ``ValueError`` for a value it refuses)."""
+        raise NotImplementedError
+
     def get_extra_state(self) -> Tensor:
         return encode_record(self.structure_record())
 
     def set_extra_state(self, state: Any) -> None:
         state = upgrade_record(decode_record(state, f"{type(self).__name__} structure record"))
+        adopted = {k: state[k] for k in self.record_adopted if isinstance(state, dict) and k in state}
+        if adopted and records_equal({**state, **adopted}, {**self.structure_record(), **adopted}):
+            for field, value in adopted.items():
+                self.adopt(field, value)
+            return
         if not isinstance(state, dict) or not records_equal(state, self.structure_record()):
             raise ValueError(
                 f"structure record {short_repr(state)} does not match this {type(self).__name__} "

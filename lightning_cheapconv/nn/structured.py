@@ -5,13 +5,18 @@ Bhalgat et al., "Structured Convolutions for Efficient Neural Network Design", N
 equals a stride-1 sum-pool with window ``(C - c + 1, N_h - n_h + 1, N_w - n_w + 1)`` over
 (channels per group, H, W) of the *padded* input, followed by a ``(c, n_h, n_w)`` conv with the
 original stride and dilation and no padding.
+
+The sum-pool has several exact operator forms (:data:`POOLINGS`), because the fastest one depends on the
+runtime: shifted adds in PyTorch eager, one average pool (its window volume moved into the small conv's
+weight) in ONNX Runtime and other graph runtimes, where the shifted adds become long Slice/Add chains.
+``benchmarks/pooling.py`` measures them; ``pooling="auto"`` picks by its findings.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +24,31 @@ from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..structure import StructureSpec, from_alpha, to_alpha
-from ..validation import check_bool, check_int_pair
-from .functional import window_sum, window_sum_additions
+from ..validation import check_bool, check_choice, check_int_pair
+from .functional import window_sum, window_sum_additions, window_sum_cumsum
 from .record import MAX_SIZE, StructureRecordMixin, check_conv_args, check_positive_ints, conv_config, register_kind
 
-__all__ = ["StructuredConv2d", "StructuredLinear"]
+__all__ = ["POOLINGS", "StructuredConv2d", "StructuredLinear"]
+
+POOLINGS = ("auto", "adds", "avg_pool", "cumsum")
+"""The operator forms of :class:`StructuredConv2d`'s sum-pool, all exact (same output up to float rounding):
+
+- ``"adds"``: shifted adds by binary doubling (:func:`~lightning_cheapconv.nn.functional.window_sum`) over
+  channels, H and W: the fastest form in PyTorch eager, forward and backward;
+- ``"avg_pool"``: one average pool over (channels per group, H, W) (``avg_pool3d``; ``avg_pool2d`` without a
+  channel window), the window volume multiplied into the small conv's weight in ``forward`` (graph runtimes
+  and ``torch.compile`` freezing fold that constant). Few nodes, but 3-D pooling is slow on CPUs (10x slower
+  than the other forms in ONNX Runtime on every channel-window shape measured);
+- ``"cumsum"``: the channel window as a cumulative-sum difference
+  (:func:`~lightning_cheapconv.nn.functional.window_sum_cumsum`), then ``avg_pool2d`` over (H, W); the same
+  graph as ``"avg_pool"`` when there is no channel window (``hidden_channels`` = channels per group);
+- ``"auto"``: ``"cumsum"`` while the module is traced, scripted or exported (ONNX, ``torch.export``), else
+  ``"adds"`` (eager PyTorch and ``torch.compile``) (:meth:`StructuredConv2d.active_pooling`).
+
+Average pools cannot dilate: a dilated spatial window is summed with shifted adds in every form. Padding is
+the pool's own zero padding where that is the same (zero mode, symmetric, at most half the window), else an
+explicit ``F.pad`` as in ``"adds"``.
+"""
 
 _Layer = TypeVar("_Layer", bound=nn.Module)
 
@@ -68,11 +93,15 @@ class StructuredConv2d(StructureRecordMixin, nn.Module):
 
     Args mirror ``nn.Conv2d``; ``hidden_channels`` is ``c`` per group (default ``C``: spatial
     structure only) and ``hidden_kernel_size`` is ``(n_h, n_w)`` (default ``k - 1``, at least 1).
-    Padding modes other than ``'zeros'`` pad explicitly before pooling.
+    Padding modes other than ``'zeros'`` pad explicitly before pooling. ``pooling`` picks the sum-pool's
+    operator form, one of :data:`POOLINGS` (default ``"auto"``: shifted adds in eager PyTorch and
+    ``torch.compile``, average pools when traced or exported); every form gives the same output up to
+    float rounding, and it is part of the structure record. Half-precision inputs are pooled in float32
+    and the pooled map cast back before the small conv, in every form.
 
     Raises ``ValueError`` naming the argument, its value and the valid range for a conv argument that
-    ``nn.Conv2d`` could not run with (:func:`~lightning_cheapconv.nn.record.check_conv_args`) or hidden
-    sizes outside ``1..C/groups`` and ``1..k``.
+    ``nn.Conv2d`` could not run with (:func:`~lightning_cheapconv.nn.record.check_conv_args`), hidden
+    sizes outside ``1..C/groups`` and ``1..k``, or a ``pooling`` not in :data:`POOLINGS`.
 
     Example::
 
@@ -81,6 +110,11 @@ class StructuredConv2d(StructureRecordMixin, nn.Module):
         >>> layer(torch.randn(1, 64, 8, 8)).shape
         torch.Size([1, 64, 8, 8])
     """
+
+    # Version 2 added ``pooling``; version-1 records (no ``pooling``) load with the default.
+    record_version = 2
+    record_defaults: ClassVar[dict[str, Any]] = {"pooling": "auto"}
+    record_adopted: ClassVar[tuple[str, ...]] = ("pooling",)
 
     def __init__(
         self,
@@ -95,11 +129,13 @@ class StructuredConv2d(StructureRecordMixin, nn.Module):
         padding_mode: str = "zeros",
         hidden_channels: int | None = None,
         hidden_kernel_size: int | tuple[int, int] | None = None,
+        pooling: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
+        self.pooling: str = check_choice("pooling", pooling, POOLINGS, owner=owner)
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode = check_conv_args(
             owner, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode
         )
@@ -142,10 +178,101 @@ class StructuredConv2d(StructureRecordMixin, nn.Module):
             **conv_config(self),
             "hidden_channels": self.hidden_channels,
             "hidden_kernel_size": self.hidden_kernel_size,
+            "pooling": self.pooling,
         }
 
+    def set_pooling(self, pooling: str) -> None:
+        """Switch the sum-pool's operator form (one of :data:`POOLINGS`); weights and outputs stay as they are.
+
+        Raises ``ValueError`` naming ``pooling``, its value and the valid values, leaving the module unchanged.
+
+        Example::
+
+            >>> layer = StructuredConv2d(16, 16, 3, padding=1)
+            >>> layer.set_pooling("avg_pool")
+            >>> layer.pooling
+            'avg_pool'
+        """
+        self.pooling = check_choice("pooling", pooling, POOLINGS, owner=type(self).__name__)
+
+    def adopt(self, field: str, value: Any) -> None:
+        """Loading a state dict whose record differs from this layer's only in ``pooling`` switches to its form."""
+        if field != "pooling":
+            raise ValueError(f"{type(self).__name__}: {field!r} is not a field a loaded record may set")
+        self.set_pooling(value)
+
+    def active_pooling(self) -> str:
+        """The form :meth:`forward` runs now: :attr:`pooling`, or for ``"auto"`` the rule measured by
+        ``benchmarks/pooling.py``: ``"cumsum"`` while traced (``torch.jit.trace``), scripted or exported
+        (``torch.onnx.export``, ``torch.export``), for the graph runtimes these feed (ONNX Runtime:
+        1.4-2.8x the dense conv's speed where the shifted adds reach 0.9-2.7x), else ``"adds"`` (eager
+        PyTorch and ``torch.compile``, where the shifted adds were the fastest form).
+
+        Example::
+
+            >>> StructuredConv2d(16, 16, 3, padding=1).active_pooling()
+            'adds'
+        """
+        if self.pooling != "auto":
+            return self.pooling
+        if torch.jit.is_scripting():  # TorchScript compiles only this branch
+            return "cumsum"
+        else:
+            exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+            return "cumsum" if exporting else "adds"  # eager, and torch.compile: inductor fuses the shifted adds
+
     def pool(self, x: Tensor) -> Tensor:
-        """The sum-pooling stage: channel windows per group, explicit padding, then H and W windows."""
+        """The sum-pooling stage (in the :meth:`active_pooling` form): ``(B, C, H, W)`` to
+        ``(B, groups·c, H + pads - d_h·(w_h - 1), W + pads - d_w·(w_w - 1))``, in ``x``'s dtype.
+
+        Example::
+
+            >>> StructuredConv2d(4, 4, 3, padding=1).pool(torch.ones(1, 4, 5, 5))[0, 0, 0]
+            tensor([1., 2., 2., 2., 2., 1.])
+        """
+        pooled, scale = self._pooled(x, self.active_pooling())
+        return pooled if scale == 1 else pooled * scale
+
+    def _pooled(self, x: Tensor, form: str) -> tuple[Tensor, int]:
+        """``(pooled, scale)`` with ``pooled · scale`` the sum-pool: ``scale`` is the volume of the windows
+        that an average pool summed (1 for ``"adds"``), which :meth:`forward` multiplies into the weight."""
+        if form == "adds":
+            return self._pooled_by_adds(x), 1
+        window_c, window_h, window_w = self.windows
+        in_dtype = x.dtype
+        if in_dtype == torch.float16 or in_dtype == torch.bfloat16:
+            x = x.float()
+        # Average pools cannot dilate: a dilated window stays with the shifted adds below.
+        avg_h = window_h if self.dilation[0] == 1 else 1
+        avg_w = window_w if self.dilation[1] == 1 else 1
+        avg_c = window_c if form == "avg_pool" else 1
+        if window_c > 1 and form == "cumsum":
+            x = window_sum_cumsum(x.unflatten(1, (self.groups, -1)), 2, window_c).flatten(1, 2)
+        left, right, top, bottom = self._pad
+        # The pool's own zero padding equals F.pad's where symmetric and at most half the window (PyTorch's limit).
+        own_padding = (
+            self.padding_mode == "zeros"
+            and (avg_h, avg_w) == (window_h, window_w)
+            and (left, top) == (right, bottom)
+            and top <= avg_h // 2
+            and left <= avg_w // 2
+        )
+        if any(self._pad) and not own_padding:
+            x = F.pad(x, self._pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
+        padding = (top, left) if own_padding else (0, 0)
+        if avg_c > 1:
+            x = F.avg_pool3d(x.unflatten(1, (self.groups, -1)), (avg_c, avg_h, avg_w), 1, (0, *padding))
+            x = x.flatten(1, 2)
+        elif avg_h > 1 or avg_w > 1:
+            x = F.avg_pool2d(x, (avg_h, avg_w), 1, padding)
+        if window_h > avg_h:
+            x = window_sum(x, 2, window_h, self.dilation[0])
+        if window_w > avg_w:
+            x = window_sum(x, 3, window_w, self.dilation[1])
+        return x.to(in_dtype), avg_c * avg_h * avg_w
+
+    def _pooled_by_adds(self, x: Tensor) -> Tensor:
+        """The ``"adds"`` form: channel windows per group, explicit padding, then H and W windows."""
         window_c, window_h, window_w = self.windows
         in_dtype = x.dtype
         if window_c > 1:
@@ -164,10 +291,16 @@ class StructuredConv2d(StructureRecordMixin, nn.Module):
         return x.to(in_dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(self.pool(x), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        pooled, scale = self._pooled(x, self.active_pooling())
+        weight = self.weight if scale == 1 else self.weight * scale
+        return F.conv2d(pooled, weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
     def pooling_additions(self, input_shape: Sequence[int]) -> int:
-        """Additions of the sum-pool for an input of shape ``(B, C, H, W)`` (not counted by FLOP counters)."""
+        """Additions of the sum-pool for an input of shape ``(B, C, H, W)`` (not counted by FLOP counters).
+
+        Counts the operation, not the form: the additions of the ``"adds"`` form (binary doubling), whatever
+        :attr:`pooling` is, so MAC and addition counts do not change with the operator form.
+        """
         batch, _, height, width = input_shape
         window_c, window_h, window_w = self.windows
         per_group = self.in_channels // self.groups
@@ -185,8 +318,10 @@ class StructuredConv2d(StructureRecordMixin, nn.Module):
         conv: nn.Conv2d,
         hidden_channels: int | None = None,
         hidden_kernel_size: int | tuple[int, int] | None = None,
+        pooling: str = "auto",
     ) -> StructuredConv2d:
-        """Project ``conv``'s kernel onto the structured subspace and return the decomposed layer.
+        """Project ``conv``'s kernel onto the structured subspace and return the decomposed layer
+        (its sum-pool in the operator form ``pooling``, one of :data:`POOLINGS`).
 
         The result equals ``conv`` with its weight replaced by the projected kernel (exactly, up to
         float rounding); how far the weight moved is :func:`~lightning_cheapconv.structure.structural_residual`.
@@ -197,6 +332,7 @@ class StructuredConv2d(StructureRecordMixin, nn.Module):
             **conv_config(conv),
             hidden_channels=hidden_channels,
             hidden_kernel_size=hidden_kernel_size,
+            pooling=pooling,
             device=weight.device,
             dtype=weight.dtype,
         )
@@ -224,7 +360,8 @@ class StructuredConv2d(StructureRecordMixin, nn.Module):
             s += ", bias=False"
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode}"
-        return s + f", hidden_channels={self.hidden_channels}, hidden_kernel_size={self.hidden_kernel_size}"
+        s += f", hidden_channels={self.hidden_channels}, hidden_kernel_size={self.hidden_kernel_size}"
+        return s if self.pooling == "auto" else s + f", pooling={self.pooling!r}"
 
 
 @register_kind
