@@ -9,6 +9,7 @@ Example::
     trainer.fit(model, datamodule=datamodule)
 """
 
+from .budget import BudgetPlan, BudgetResult, compress_to_budget, plan_budget
 from .callbacks import GhostConvCallback, StructuredConvCallback
 from .checkpoint import install_restructure_hook, restructure
 from .complexity import Complexity, LayerComplexity, compression_ratios, count_complexity, format_count
@@ -33,6 +34,8 @@ from .structure import StructureSpec
 __version__ = "0.1.0"
 
 __all__ = [
+    "BudgetPlan",
+    "BudgetResult",
     "CIFAR10DataModule",
     "CReLU",
     "ChannelShuffle",
@@ -56,6 +59,7 @@ __all__ = [
     "StructuredConvCallback",
     "StructuredLinear",
     "compile_for_inference",
+    "compress_to_budget",
     "compression_ratios",
     "compression_report",
     "convert_to_ghost",
@@ -68,6 +72,7 @@ __all__ = [
     "install_restructure_hook",
     "list_models",
     "optimize_for_inference",
+    "plan_budget",
     "restructure",
     "select_layers",
 ]

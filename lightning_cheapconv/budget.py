@@ -1,0 +1,892 @@
+"""Compression to a budget: a per-layer plan across methods (keep dense, Ghost, structured) that meets a MACs,
+parameter and/or latency budget with the least total sensitivity, applied atomically.
+
+For every selected conv the candidates are: keep it dense; a conv-only Ghost module (Han et al., CVPR 2020) with
+``s`` in :data:`GHOST_RATIOS` and ``d = 3``; a structured convolution (Bhalgat et al., NeurIPS 2020) with hidden sizes
+``c`` in ``C·`` :data:`CHANNEL_RATIOS` and ``n`` in ``{k - 1, k}`` (the full ``(C, k)`` excluded). Each candidate has
+
+- a **cost**: MACs and parameters counted with the formulas of :func:`~lightning_cheapconv.complexity.count_complexity`
+  (MACs per output position times the positions the dense layer computes in the example's forward pass), so the
+  converted model meets the budget when counted independently; with ``latency_ms``, its latency on the example's
+  device and batch, timed alone on a random input of the shape the layer sees
+  (:func:`~lightning_cheapconv.deploy.time_interleaved`);
+- a **sensitivity**: the squared relative output error ``‖y' - y‖² / ‖y‖²`` of the layer on the calibration batch,
+  after weight inheritance (Ghost, fitted on the layer's real activations) or projection (structured): the per-layer
+  reconstruction error that channel pruning minimizes (He et al., ICCV 2017, "Channel Pruning for Accelerating Very
+  Deep Neural Networks"). The squared errors of the layers are added (the output noise energy of independent
+  perturbations). It costs one forward pass; AIMET's greedy per-layer compression-ratio selection instead evaluates the
+  whole network once per layer and ratio, and the rise in the loss would likewise cost a forward pass per layer and
+  candidate (and labels). Which of the two predicts accuracy better is left to the accuracy benchmark.
+
+Allocation is a multiple-choice knapsack solved greedily by sensitivity per unit of cost saved (marginal analysis, as
+in the LP relaxation of the multiple-choice knapsack, Sinha & Zoltners 1979): from the all-dense plan, repeatedly
+take the step (one layer to a cheaper candidate) with the least rise in sensitivity per unit of the budget excess it
+removes, until every budget is met; then fill: repeatedly take back the step that lowers the sensitivity most per
+unit of budget it uses while every budget stays met. Deterministic (fixed-seed sampling, ties broken by layer order).
+
+Example::
+
+    >>> model = get_model("resnet20", 10)
+    >>> result = compress_to_budget(model, torch.randn(1, 3, 32, 32), macs=0.5, calibration=images)
+    >>> print(result)                            # the per-layer plan as a table
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor, nn
+
+from .calls import ModelCall, as_calls
+from .complexity import count_complexity, format_count
+from .convert import (
+    ConversionResult,
+    LayerChange,
+    LayerPlan,
+    ghost_from_conv,
+    recalibrate_batchnorm,
+    replace_modules,
+    select_layers,
+    structure_spec_for,
+    structured_from_dense,
+)
+from .deploy import time_interleaved
+from .inherit import assign_ghosts
+from .reuse import evaluating
+from .structure import StructureSpec, project
+from .validation import (
+    check_bool,
+    check_finite_number,
+    check_finite_tensor,
+    check_instance,
+    check_patterns,
+    short_repr,
+)
+
+__all__ = [
+    "BudgetPlan",
+    "BudgetResult",
+    "Candidate",
+    "LayerBudget",
+    "apply_budget_plan",
+    "compress_to_budget",
+    "plan_budget",
+]
+
+GHOST_RATIOS: tuple[int, ...] = (2, 3, 4)
+"""Ghost ratios ``s`` tried per layer (``d =`` :data:`GHOST_DW_SIZE`)."""
+GHOST_DW_SIZE = 3
+CHANNEL_RATIOS: tuple[float, ...] = (1.0, 0.5, 0.25)
+"""Structured hidden channels tried per layer: ``c = round(C · ratio)`` (at least 1)."""
+KERNEL_REDUCTIONS: tuple[int, ...] = (1, 0)
+"""Structured hidden kernel sizes tried per layer: ``n = k - reduction`` (at least 1)."""
+TOLERANCE = 0.02
+"""How far below a MACs/params budget the plan may land: ``[fraction - 0.02, fraction]`` of the original (where the
+candidates' granularity allows; the plan never lands above)."""
+SENSITIVITY_POSITIONS = 1024
+"""Output positions per layer (first images of the calibration batch) that sensitivities and Ghost fits use."""
+GHOST_SENSITIVITY_POSITIONS = 256
+"""Positions (drawn with a fixed seed) of the Ghost least-squares fits that score each ratio."""
+METHODS = ("ghost", "structured")
+BUDGETS = ("macs", "params", "latency_ms")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One option for one layer: its method and hyper-parameters, costs and sensitivity.
+
+    ``macs`` over the example's forward pass and ``params`` are counted as :func:`count_complexity` counts them;
+    ``latency_ms`` is the layer's median time (``None`` unless a latency budget was asked); ``sensitivity`` the squared
+    relative output error on the calibration batch (0 for dense).
+
+    Example::
+
+        >>> Candidate("ghost", ratio=2, macs=1000, params=300, sensitivity=0.01).label
+        'ghost s=2'
+    """
+
+    method: str  # "dense", "ghost" or "structured"
+    ratio: int | None = None
+    channels: int | None = None
+    kernel_size: tuple[int, int] | None = None
+    macs: int = 0
+    params: int = 0
+    sensitivity: float = 0.0
+    latency_ms: float | None = None
+
+    @property
+    def label(self) -> str:
+        """``dense``, ``ghost s=<s>`` or ``structured c=<c> n=<n_h>x<n_w>``."""
+        if self.method == "ghost":
+            return f"ghost s={self.ratio}"
+        if self.method == "structured":
+            return f"structured c={self.channels} n={self.kernel_size[0]}x{self.kernel_size[1]}"
+        return "dense"
+
+    def cost(self, key: str) -> float:
+        return float(getattr(self, key))
+
+
+@dataclass
+class LayerBudget:
+    """One planned layer: its candidates (dense first) and the index of the one chosen."""
+
+    name: str
+    type: str
+    candidates: tuple[Candidate, ...]
+    chosen: int = 0
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def choice(self) -> Candidate:
+        return self.candidates[self.chosen]
+
+
+@dataclass
+class BudgetPlan:
+    """A per-layer plan: what each selected layer becomes, and the totals it predicts.
+
+    ``budgets`` are the limits asked (``macs``/``params`` as fractions of the original, ``latency_ms`` in ms);
+    ``before`` the original totals (MACs over the example's forward pass, parameters, latency in ms when measured);
+    ``fixed`` the part of each total outside the planned layers. ``skipped`` lists the layers not planned, with why.
+
+    Example::
+
+        >>> plan = plan_budget(model, example, macs=0.5, calibration=images)
+        >>> plan.fraction("macs") <= 0.5
+        True
+    """
+
+    layers: list[LayerBudget]
+    budgets: dict[str, float]
+    before: dict[str, float]
+    fixed: dict[str, float]
+    skipped: list[LayerPlan] = field(default_factory=list)
+
+    def total(self, key: str) -> float:
+        """The predicted whole-model total of ``key`` (``macs``, ``params`` or ``latency_ms``)."""
+        return self.fixed[key] + sum(layer.choice.cost(key) for layer in self.layers)
+
+    def fraction(self, key: str) -> float:
+        """The predicted total of ``key`` over the original's."""
+        return self.total(key) / self.before[key] if self.before[key] else math.nan
+
+    @property
+    def sensitivity(self) -> float:
+        """The plan's total sensitivity (sum of the chosen candidates' squared relative output errors)."""
+        return sum(layer.choice.sensitivity for layer in self.layers)
+
+    def choices(self) -> dict[str, str]:
+        """Layer name -> chosen candidate label."""
+        return {layer.name: layer.choice.label for layer in self.layers}
+
+    def table(self) -> Table:
+        """The plan as a rich table: one row per planned layer, then the totals against the budgets."""
+        timed = "latency_ms" in self.before
+        table = Table(title="Budget plan", caption=self._caption(), caption_justify="left")
+        table.add_column("layer", overflow="fold")
+        table.add_column("choice")
+        for header in ("MACs", "params", *(("latency ms",) if timed else ()), "rel. error"):
+            table.add_column(header, justify="right")
+        for layer in self.layers:
+            choice, dense = layer.choice, layer.candidates[0]
+            cells = [
+                layer.name,
+                choice.label,
+                f"{format_count(dense.macs)} → {format_count(choice.macs)}",
+                f"{format_count(dense.params)} → {format_count(choice.params)}",
+            ]
+            if timed:
+                cells.append(f"{dense.latency_ms:.3g} → {choice.latency_ms:.3g}")
+            cells.append(f"{math.sqrt(choice.sensitivity):.3g}")
+            table.add_row(*cells, style="dim" if choice.method == "dense" else None)
+        table.add_section()
+        for key in BUDGETS:
+            if key in self.before:
+                asked = self.budgets.get(key)
+                limit = "" if asked is None else (f" (budget {asked:g} ms)" if key == "latency_ms" else f" ({asked:g})")
+                value = (
+                    f"{self.before[key]:.3g} → {self.total(key):.3g} ms{limit}"
+                    if key == "latency_ms"
+                    else f"{format_count(self.before[key])} → {format_count(self.total(key))}: "
+                    f"{self.fraction(key):.3f}{limit}"
+                )
+                table.add_row(f"total {key}", "", value, style="bold")
+        return table
+
+    def _caption(self) -> str:
+        kinds = {m: sum(layer.choice.method == m for layer in self.layers) for m in ("dense", "ghost", "structured")}
+        return (
+            f"{kinds['ghost']} Ghost, {kinds['structured']} structured, {kinds['dense']} dense of {len(self.layers)} "
+            f"planned layers ({len(self.skipped)} not planned). MACs = FLOPs / 2 as count_complexity counts them; "
+            f"fractions of the original (0.5 = half); rel. error = ‖y' - y‖ / ‖y‖ of the layer on the calibration "
+            f"batch; total sensitivity (sum of squared errors) {self.sensitivity:.4g}."
+        )
+
+    def __str__(self) -> str:
+        buffer = io.StringIO()
+        Console(file=buffer, width=150, force_terminal=False, color_system=None).print(self.table())
+        return buffer.getvalue().rstrip()
+
+    def __rich__(self) -> Table:
+        return self.table()
+
+
+@dataclass
+class BudgetResult(ConversionResult):
+    """The outcome of :func:`compress_to_budget`: a :class:`ConversionResult` (``method="budget"``; ``changes``
+    list the converted layers, Ghost and structured mixed) with the plan it applied in ``budget``.
+    ``print(result)`` shows the per-layer plan as a table.
+
+    Example::
+
+        >>> result = compress_to_budget(model, example, macs=0.5)
+        >>> result.budget.choices()["layer1.0.conv1"]
+        'ghost s=2'
+    """
+
+    budget: BudgetPlan | None = None
+
+    def __str__(self) -> str:
+        return str(self.budget) if self.budget is not None else super().__str__()
+
+    def __rich__(self) -> Table | str:
+        return self.budget.table() if self.budget is not None else super().__str__()
+
+
+def _check_arguments(
+    owner: str,
+    model: object,
+    example_input: object,
+    budgets: dict[str, object],
+    methods: object,
+    calibration: object,
+    include: object,
+    exclude: object,
+    skip_first: object,
+    skip_last: object,
+) -> tuple[dict[str, float], tuple[str, ...]]:
+    check_instance("model", model, nn.Module, owner=owner)
+    if not isinstance(example_input, (Tensor, ModelCall)):
+        raise ValueError(
+            f"{owner}: example_input must be a torch.Tensor batch of model inputs or a ModelCall, "
+            f"got {type(example_input).__name__}"
+        )
+    asked: dict[str, float] = {}
+    for key in ("macs", "params"):
+        if budgets[key] is not None:
+            asked[key] = check_finite_number(key, budgets[key], 0, 1, exclusive_minimum=True, owner=owner)
+    if budgets["latency_ms"] is not None:
+        asked["latency_ms"] = check_finite_number(
+            "latency_ms", budgets["latency_ms"], 0, exclusive_minimum=True, owner=owner
+        )
+    if not asked:
+        raise ValueError(
+            f"{owner}: no budget given; pass at least one of macs (a fraction in (0, 1]), params (a fraction in "
+            "(0, 1]) and latency_ms (> 0)"
+        )
+    chosen = (methods,) if isinstance(methods, str) else methods
+    if (
+        not isinstance(chosen, Sequence)
+        or not chosen
+        or not all(isinstance(m, str) and m in METHODS for m in chosen)
+        or len(set(chosen)) != len(chosen)
+    ):
+        raise ValueError(
+            f"{owner}: methods={short_repr(methods)} is not valid; valid values are non-empty sequences of distinct "
+            f"methods from {METHODS}"
+        )
+    if calibration is not None:
+        check_finite_tensor("calibration", calibration, owner=owner)
+    check_patterns("include", include, owner=owner)
+    check_patterns("exclude", exclude, owner=owner)
+    for flag, value in (("skip_first", skip_first), ("skip_last", skip_last)):
+        check_bool(flag, value, owner=owner)
+    return asked, tuple(chosen)
+
+
+def _structured_specs(conv: nn.Conv2d, name: str) -> list[StructureSpec]:
+    """The structured grid of ``conv``: ``c`` from :data:`CHANNEL_RATIOS`, ``n`` from :data:`KERNEL_REDUCTIONS`,
+    without the full ``(C, k)`` (no reduction) and without repeats."""
+    full = (conv.in_channels // conv.groups, *conv.kernel_size)
+    specs: list[StructureSpec] = []
+    for channel_ratio in CHANNEL_RATIOS:
+        for reduction in KERNEL_REDUCTIONS:
+            spec = structure_spec_for(conv, channel_ratio, reduction, name=name)
+            if (spec.channels, *spec.kernel_size) != full and spec not in specs:
+                specs.append(spec)
+    return specs
+
+
+def _ghost_costs(conv: nn.Conv2d, ratio: int) -> tuple[int, int]:
+    """Ghost MACs per output position and parameters (the counts of a conv-only :class:`GhostConv2d`)."""
+    m = -(-conv.out_channels // ratio)
+    k_h, k_w = conv.kernel_size
+    bias = conv.bias is not None
+    d2 = GHOST_DW_SIZE * GHOST_DW_SIZE
+    per_position = m * conv.in_channels * k_h * k_w + m * (ratio - 1) * d2
+    params = m * conv.in_channels * k_h * k_w + m * bias + m * (ratio - 1) * (d2 + bias)
+    return per_position, params
+
+
+def _dense_per_position(conv: nn.Conv2d) -> int:
+    return conv.out_channels * (conv.in_channels // conv.groups) * conv.kernel_size[0] * conv.kernel_size[1]
+
+
+def _own_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _first(batch: Tensor | ModelCall) -> Tensor | ModelCall:
+    return batch[:1] if isinstance(batch, Tensor) else batch.first(1)
+
+
+class _Sensitivities:
+    """Forward hooks that score every candidate of every planned layer on the layer's first call, and keep the first
+    images of its input for the Ghost fits of the conversion.
+
+    Both scores use the first images of the batch that give :data:`SENSITIVITY_POSITIONS` output positions.
+    Structured: ``‖conv(x, W - PW)‖² / ‖y‖²``, all specs of the layer in one conv. Ghost: the pair fits of weight
+    inheritance on activations (:mod:`~lightning_cheapconv.inherit`: the least-squares ``d x d`` kernel making output
+    ``o`` from output ``i``, on :data:`GHOST_SENSITIVITY_POSITIONS` positions drawn with a fixed seed) are computed
+    once per layer and :func:`~lightning_cheapconv.inherit.assign_ghosts` picks intrinsics and ghosts for each ratio;
+    the score is the fitted ghosts' squared error over the output's energy.
+    """
+
+    def __init__(self, specs: dict[str, list[StructureSpec]], ratios: dict[str, list[int]]) -> None:
+        self.specs, self.ratios = specs, ratios
+        self.structured: dict[str, dict[StructureSpec, float]] = {}
+        self.ghost: dict[str, dict[int, float]] = {}
+        self.inputs: dict[str, Tensor] = {}
+
+    def __call__(self, module: nn.Conv2d, args: tuple, output: Tensor, name: str) -> None:
+        if name in self.structured:
+            return  # a layer called twice is scored on its first call
+        x = args[0]
+        positions = max(1, output.shape[-1] * output.shape[-2])
+        count = min(x.shape[0], max(1, math.ceil(SENSITIVITY_POSITIONS / positions)))
+        x, y = x[:count].float(), output[:count].float()
+        self.structured[name] = _structured_errors(module, x, y, self.specs[name])
+        self.ghost[name] = _ghost_errors(y, module.bias is not None, self.ratios[name])
+        if self.ratios[name]:
+            self.inputs[name] = args[0][:count].detach()
+
+
+def _structured_errors(conv: nn.Conv2d, x: Tensor, y: Tensor, specs: list[StructureSpec]) -> dict[StructureSpec, float]:
+    if not specs:
+        return {}
+    energy = float(y.pow(2).sum().clamp_min(1e-30))
+    weight = conv.weight.detach().float()
+    residuals = [weight - project(weight, spec) for spec in specs]
+    if conv.groups == 1:  # one conv for all specs: their residual kernels stacked along the output channels
+        errors = conv._conv_forward(x, torch.cat(residuals), None).pow(2).sum((0, 2, 3))
+        errors = errors.view(len(specs), -1).sum(1).tolist()
+    else:
+        errors = [float(conv._conv_forward(x, r, None).pow(2).sum()) for r in residuals]
+    return {spec: error / energy for spec, error in zip(specs, errors, strict=True)}
+
+
+def _ghost_errors(y: Tensor, bias: bool, ratios: list[int]) -> dict[int, float]:
+    """Squared relative output error of Ghost inheritance per ratio, from the layer's outputs ``y`` (B, O, H, W)."""
+    if not ratios:
+        return {}
+    batch, channels, height, width = y.shape
+    total = batch * height * width
+    generator = torch.Generator().manual_seed(0)
+    keep = torch.randperm(total, generator=generator)[:GHOST_SENSITIVITY_POSITIONS].to(y.device)
+    b, rest = keep // (height * width), keep % (height * width)
+    row, col = rest // width, rest % width
+    d, half = GHOST_DW_SIZE, GHOST_DW_SIZE // 2
+    padded = F.pad(y, (half, half, half, half))  # the cheap conv's zero padding
+    taps = [padded[b, :, row + dy, col + dx] for dy in range(d) for dx in range(d)]  # each (N, O)
+    patches = torch.stack(taps, 2).permute(1, 2, 0)  # (O, d², N)
+    targets = y[b, :, row, col].T  # (O, N)
+    if bias:  # a ghost channel has its own bias: centre, as the fit does
+        patches = patches - patches.mean(-1, keepdim=True)
+        targets = targets - targets.mean(-1, keepdim=True)
+    gram = (patches @ patches.transpose(1, 2)).double()
+    scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
+    gram = gram + 1e-6 * scale[:, None, None] * torch.eye(d * d, dtype=gram.dtype, device=gram.device)
+    inverse = torch.linalg.inv(gram).float()  # (I, d², d²)
+    cross = (patches.reshape(channels * d * d, -1) @ targets.T).view(channels, d * d, channels).transpose(1, 2)
+    explained = ((cross @ inverse) * cross).sum(-1)  # (I, O): the energy of o that a ghost of i explains
+    target_sq = targets.pow(2).sum(1)
+    errors = (target_sq[None, :] - explained).clamp_min(0.0)
+    normalized = errors / target_sq.clamp_min(1e-30)[None, :]
+    energy = float(target_sq.sum().clamp_min(1e-30))
+    result = {}
+    for ratio in ratios:
+        _, ghost_of = assign_ghosts(normalized, ratio)
+        ghosts = torch.tensor(sorted(ghost_of), dtype=torch.long, device=y.device)
+        owners = torch.tensor([ghost_of[g] for g in sorted(ghost_of)], dtype=torch.long, device=y.device)
+        result[ratio] = float(errors[owners, ghosts].sum()) / energy if len(ghosts) else 0.0
+    return result
+
+
+def _selection(
+    model: nn.Module,
+    methods: tuple[str, ...],
+    include: Any,
+    exclude: Any,
+    skip_first: bool,
+    skip_last: bool,
+    example: Tensor | ModelCall,
+) -> tuple[dict[str, set[str]], list[LayerPlan], dict[str, LayerPlan]]:
+    """Which methods may convert each layer (:func:`select_layers` of each method, with the settings that admit the
+    most candidates), the layers no method converts (with their reasons), and each planned layer's entry."""
+    allowed: dict[str, set[str]] = {}
+    entries: dict[str, list[LayerPlan]] = {}
+    for method in methods:
+        settings = {"ratio": min(GHOST_RATIOS)} if method == "ghost" else {"channel_ratio": min(CHANNEL_RATIOS)}
+        plan = select_layers(
+            model, method, include, exclude, skip_first, skip_last, example_input=_first(example), **settings
+        )
+        for entry in plan:
+            entries.setdefault(entry.name, []).append(entry)
+            if entry.action == "convert":
+                allowed.setdefault(entry.name, set()).add(method)
+    skipped = []
+    for name, plans in entries.items():
+        if name not in allowed:
+            reasons = "; ".join(dict.fromkeys(p.reason for p in plans))
+            skipped.append(LayerPlan(name, plans[0].type, "skip", reasons, plans[0].aliases, plans[0].order))
+    first = {name: plans[0] for name, plans in entries.items() if name in allowed}
+    return allowed, skipped, first
+
+
+def _layer_shapes(model: nn.Module, example: Tensor | ModelCall, layers: dict[str, nn.Module]) -> dict[str, tuple]:
+    """The input shape each layer sees on its first call in one forward pass of ``example``."""
+    shapes: dict[str, tuple] = {}
+    handles = []
+
+    def hook(_module: nn.Module, args: tuple, name: str) -> None:
+        shapes.setdefault(name, tuple(args[0].shape))
+
+    try:
+        for name, layer in layers.items():
+            handles.append(layer.register_forward_pre_hook(lambda m, a, name=name: hook(m, a, name)))
+        with evaluating(model):
+            as_calls(example)[0].run(model, "example_input")
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
+def _latencies(
+    model: nn.Module,
+    example: Tensor | ModelCall,
+    layers: dict[str, nn.Conv2d],
+    options: dict[str, list[Candidate]],
+) -> tuple[float, dict[str, list[float]]]:
+    """The whole model's median latency on ``example`` and each candidate's on a random input of the layer's input
+    shape (same device and dtype), timed against the layer's other candidates with :func:`time_interleaved`.
+    Layers of equal configuration and input shape share one measurement."""
+    device = next((t.device for t in as_calls(example)[0].tensors()), torch.device("cpu"))
+    shapes = _layer_shapes(model, example, layers)
+    cache: dict[tuple, list[float]] = {}
+    result: dict[str, list[float]] = {}
+    generator = torch.Generator(device=device).manual_seed(0)
+    for name, conv in layers.items():
+        key = (repr(conv), conv.weight.dtype, shapes[name], tuple(c.label for c in options[name]))
+        if key not in cache:
+            x = torch.randn(shapes[name], generator=generator, device=device).to(conv.weight.dtype)
+            forms: dict[str, nn.Module] = {}
+            for candidate in options[name]:
+                if candidate.method == "dense":
+                    forms[candidate.label] = conv
+                elif candidate.method == "ghost":
+                    forms[candidate.label] = ghost_from_conv(conv, candidate.ratio, GHOST_DW_SIZE, "random", name=name)[
+                        0
+                    ]
+                else:
+                    spec = StructureSpec(candidate.channels, candidate.kernel_size)
+                    forms[candidate.label] = structured_from_dense(conv, spec, name)[0]
+            timed = time_interleaved({label: (lambda m=m, x=x: m(x)) for label, m in forms.items()}, device=device)
+            cache[key] = [timed[c.label].median_ms for c in options[name]]
+        result[name] = cache[key]
+    call = as_calls(example)[0]
+    with evaluating(model):
+        whole = time_interleaved({"model": lambda: call(model)}, device=device)["model"].median_ms
+    return whole, result
+
+
+def plan_budget(
+    model: nn.Module,
+    example_input: Tensor | ModelCall,
+    *,
+    macs: float | None = None,
+    params: float | None = None,
+    latency_ms: float | None = None,
+    methods: Sequence[str] = METHODS,
+    calibration: Tensor | None = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    skip_first: bool = True,
+    skip_last: bool = True,
+) -> BudgetPlan:
+    """Plan per-layer methods and hyper-parameters that meet every budget given with the least total sensitivity;
+    the model is not changed (see :func:`compress_to_budget`, which plans and applies, for the arguments and the
+    method).
+
+    Raises:
+        ValueError: naming the argument, its value and the valid range for any invalid argument; or, for a budget
+            that cannot be met even with every planned layer at its cheapest candidate, the smallest reachable value.
+
+    Example::
+
+        >>> plan = plan_budget(model, torch.randn(1, 3, 32, 32), macs=0.5, calibration=images)
+        >>> print(plan)
+    """
+    plan, _ = _plan(
+        "plan_budget",
+        model,
+        example_input,
+        {"macs": macs, "params": params, "latency_ms": latency_ms},
+        methods,
+        calibration,
+        include,
+        exclude,
+        skip_first,
+        skip_last,
+    )
+    return plan
+
+
+def _plan(
+    owner: str,
+    model: nn.Module,
+    example_input: Tensor | ModelCall,
+    budgets: dict[str, object],
+    methods: object,
+    calibration: Tensor | None,
+    include: Any,
+    exclude: Any,
+    skip_first: bool,
+    skip_last: bool,
+) -> tuple[BudgetPlan, dict[str, Tensor]]:
+    asked, methods = _check_arguments(
+        owner, model, example_input, budgets, methods, calibration, include, exclude, skip_first, skip_last
+    )
+    before_counts = count_complexity(model, example_input=example_input)
+    allowed, skipped, entries = _selection(model, methods, include, exclude, skip_first, skip_last, example_input)
+    rows = before_counts.by_name()
+    layers: dict[str, nn.Conv2d] = {}
+    for name in list(allowed):
+        row = rows.get(name)
+        if row is None or row.macs == 0:
+            entry = entries[name]
+            skipped.append(
+                LayerPlan(name, entry.type, "skip", "not called by example_input", entry.aliases, entry.order)
+            )
+            del allowed[name]
+            continue
+        layers[name] = model.get_submodule(name)
+    if not layers:
+        reasons = "; ".join(f"{p.name}: {p.reason}" for p in skipped) or "the model has no Conv2d layers"
+        raise ValueError(
+            f"{owner}: no layer can be planned (include={include!r}, exclude={exclude!r}, methods={methods!r}): "
+            f"{reasons}"
+        )
+    specs = {n: _structured_specs(c, n) if "structured" in allowed[n] else [] for n, c in layers.items()}
+    ratios: dict[str, list[int]] = {}
+    for name, conv in layers.items():
+        dense_params = _own_params(conv)
+        ratios[name] = [
+            s
+            for s in GHOST_RATIOS
+            if "ghost" in allowed[name] and conv.out_channels >= s and _ghost_costs(conv, s)[1] < dense_params
+        ]
+    scorer = _Sensitivities(specs, ratios)
+    handles = []
+    try:
+        for name, conv in layers.items():
+            handles.append(conv.register_forward_hook(lambda m, a, o, name=name: scorer(m, a, o, name)))
+        batch = example_input if calibration is None else calibration
+        with evaluating(model):
+            as_calls(batch)[0].run(model, "example_input" if calibration is None else "calibration")
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    options: dict[str, list[Candidate]] = {}
+    for name, conv in layers.items():
+        row = rows[name]
+        positions = row.macs // _dense_per_position(conv)  # batch x output positions x calls in the example
+        candidates = [Candidate("dense", macs=row.macs, params=_own_params(conv))]
+        for ratio in ratios[name]:
+            per_position, ghost_params = _ghost_costs(conv, ratio)
+            candidates.append(
+                Candidate(
+                    "ghost",
+                    ratio=ratio,
+                    macs=positions * per_position,
+                    params=ghost_params,
+                    sensitivity=scorer.ghost[name][ratio],
+                )
+            )
+        for spec in specs[name]:
+            n_h, n_w = spec.kernel_size
+            candidates.append(
+                Candidate(
+                    "structured",
+                    channels=spec.channels,
+                    kernel_size=spec.kernel_size,
+                    macs=positions * conv.out_channels * spec.channels * n_h * n_w,
+                    params=conv.out_channels * spec.channels * n_h * n_w
+                    + (conv.out_channels if conv.bias is not None else 0),
+                    sensitivity=scorer.structured[name][spec],
+                )
+            )
+        options[name] = candidates
+
+    before: dict[str, float] = {"macs": before_counts.macs, "params": before_counts.params}
+    if "latency_ms" in asked:
+        whole, times = _latencies(model, example_input, layers, options)
+        before["latency_ms"] = whole
+        for name in layers:
+            options[name] = [replace(c, latency_ms=t) for c, t in zip(options[name], times[name], strict=True)]
+    planned = [
+        LayerBudget(name, type(conv).__name__, tuple(options[name]), 0, entries[name].aliases)
+        for name, conv in layers.items()
+    ]
+    fixed = {key: before[key] - sum(layer.candidates[0].cost(key) for layer in planned) for key in before}
+    plan = BudgetPlan(planned, asked, before, fixed, skipped)
+    _allocate(plan, owner)
+    return plan, scorer.inputs
+
+
+def _limits(plan: BudgetPlan) -> dict[str, float]:
+    return {key: value * plan.before[key] if key != "latency_ms" else value for key, value in plan.budgets.items()}
+
+
+def _describe(key: str, value: float, before: float) -> str:
+    return f"{value:.4g} ms" if key == "latency_ms" else f"{value / before:.4f} of the original {key.upper()}"
+
+
+def _allocate(plan: BudgetPlan, owner: str) -> None:
+    """Choose one candidate per layer (in place): the greedy descent until every budget is met, then the fill.
+
+    Raises:
+        ValueError: for a budget that cannot be met even with every layer at its cheapest candidate (naming the
+            smallest reachable value), or budgets that cannot be met together.
+    """
+    limits = _limits(plan)
+    for key, limit in limits.items():
+        lowest = plan.fixed[key] + sum(min(c.cost(key) for c in layer.candidates) for layer in plan.layers)
+        if lowest > limit:
+            reachable = _describe(key, lowest, plan.before[key])
+            floor = lowest if key == "latency_ms" else lowest / plan.before[key]
+            raise ValueError(
+                f"{owner}: {key}={plan.budgets[key]:g} cannot be met: the smallest reachable value is {reachable} "
+                f"(every planned layer at its cheapest candidate); valid range is {floor:.4g} <= {key}"
+                + ("" if key == "latency_ms" else " <= 1")
+            )
+    totals = {key: plan.total(key) for key in limits}
+    # Descent: the step with the least rise in sensitivity per unit of the excess it removes.
+    while True:
+        excess = {key: totals[key] - limits[key] for key in limits if totals[key] > limits[key]}
+        if not excess:
+            break
+        best: tuple[float, int, int] | None = None
+        for index, layer in enumerate(plan.layers):
+            now = layer.choice
+            for option, candidate in enumerate(layer.candidates):
+                if option == layer.chosen:
+                    continue
+                gains = {key: now.cost(key) - candidate.cost(key) for key in limits}
+                if any(totals[key] - gains[key] > limits[key] for key in limits if key not in excess):
+                    continue  # would break a budget that is met
+                progress = sum(max(-1.0, min(gains[key], excess[key]) / excess[key]) for key in excess)
+                if progress <= 0:
+                    continue
+                score = (candidate.sensitivity - now.sensitivity) / progress
+                if best is None or score < best[0]:
+                    best = (score, index, option)
+        if best is None:
+            reached = "; ".join(f"{k} {_describe(k, totals[k], plan.before[k])}" for k in limits)
+            raise ValueError(
+                f"{owner}: the budgets {plan.budgets} cannot be met together (reached {reached}); each alone can: "
+                "relax one of them"
+            )
+        _step(plan, totals, best[1], best[2])
+    # Fill: take back the step that lowers the sensitivity most per unit of budget it uses, all budgets kept.
+    while True:
+        best = None
+        for index, layer in enumerate(plan.layers):
+            now = layer.choice
+            for option, candidate in enumerate(layer.candidates):
+                gain = now.sensitivity - candidate.sensitivity
+                if option == layer.chosen or gain <= 0:
+                    continue
+                rises = {key: candidate.cost(key) - now.cost(key) for key in limits}
+                if any(totals[key] + rises[key] > limits[key] for key in limits):
+                    continue
+                use = sum(max(0.0, rises[key]) / max(limits[key], 1e-30) for key in limits)
+                score = gain / max(use, 1e-12)
+                if best is None or score > best[0]:
+                    best = (score, index, option)
+        if best is None:
+            break
+        _step(plan, totals, best[1], best[2])
+
+
+def _step(plan: BudgetPlan, totals: dict[str, float], index: int, option: int) -> None:
+    layer = plan.layers[index]
+    for key in totals:
+        totals[key] += layer.candidates[option].cost(key) - layer.choice.cost(key)
+    layer.chosen = option
+
+
+def apply_budget_plan(
+    model: nn.Module,
+    plan: BudgetPlan,
+    calibration: Tensor | None = None,
+    inputs: dict[str, Tensor] | None = None,
+    owner: str = "apply_budget_plan",
+) -> BudgetResult:
+    """Convert ``model`` as ``plan`` says, atomically: every new layer is built first (Ghost weights inherited,
+    fitted on ``inputs[name]``, the layer's input, when given and in kernel space otherwise; structured layers
+    projected), then swapped in, then the BatchNorm statistics re-estimated on ``calibration`` (a batch of model
+    inputs) when given; on any error the model is left as it was.
+
+    Raises:
+        ValueError: naming the layer that cannot be converted (NaN/inf weights, say) or a ``calibration`` batch that
+            does not run through the model; the model is then unchanged.
+
+    Example::
+
+        >>> plan = plan_budget(model, example, macs=0.5)
+        >>> result = apply_budget_plan(model, plan)
+    """
+    check_instance("model", model, nn.Module, owner=owner)
+    check_instance("plan", plan, BudgetPlan, owner=owner)
+    inputs = inputs or {}
+    params_before = _own_params(model)
+    result = BudgetResult(method="budget", budget=plan)
+    new_modules: dict[str, nn.Module] = {}
+    old_modules: dict[str, nn.Module] = {}
+    for layer in plan.layers:
+        choice = layer.choice
+        if choice.method == "dense":
+            result.plan.append(
+                LayerPlan(layer.name, layer.type, "skip", "kept dense by the budget plan", layer.aliases)
+            )
+            continue
+        old = old_modules[layer.name] = model.get_submodule(layer.name)
+        if choice.method == "ghost":
+            new, error = ghost_from_conv(
+                old, choice.ratio, GHOST_DW_SIZE, "inherit", inputs.get(layer.name), layer.name
+            )
+            detail, per_position = (
+                f"s={choice.ratio}, d={GHOST_DW_SIZE}, init=inherit",
+                _ghost_costs(old, choice.ratio)[0],
+            )
+        else:
+            spec = StructureSpec(choice.channels, choice.kernel_size)
+            new, error = structured_from_dense(old, spec, layer.name)
+            detail, per_position = f"c={spec.channels}, n={spec.kernel_size}", new.weight.numel()
+        new.train(old.training)
+        new_modules[layer.name] = new
+        result.plan.append(LayerPlan(layer.name, layer.type, "convert", choice.label, layer.aliases))
+        result.changes.append(
+            LayerChange(
+                name=layer.name,
+                old_type=type(old).__name__,
+                new_type=type(new).__name__,
+                params_before=_own_params(old),
+                params_after=_own_params(new),
+                macs_per_position_before=_dense_per_position(old),
+                macs_per_position_after=per_position,
+                error=error,
+                detail=detail,
+                aliases=layer.aliases,
+            )
+        )
+    result.plan.extend(plan.skipped)
+    replace_modules(model, new_modules)  # everything was built above; only now is the model touched
+    try:
+        if calibration is not None:
+            recalibrate_batchnorm(model, calibration)
+    except BaseException:
+        replace_modules(model, old_modules)
+        raise
+    result.params_before, result.params_after = params_before, _own_params(model)
+    return result
+
+
+def compress_to_budget(
+    model: nn.Module,
+    example_input: Tensor | ModelCall,
+    *,
+    macs: float | None = None,
+    params: float | None = None,
+    latency_ms: float | None = None,
+    methods: Sequence[str] = METHODS,
+    calibration: Tensor | None = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    skip_first: bool = True,
+    skip_last: bool = True,
+) -> BudgetResult:
+    """Convert each selected conv of ``model`` to the Ghost, structured or dense form that, all layers together,
+    meets every budget given with the least total sensitivity; in place, atomically.
+
+    Budgets (at least one; all given are met): ``macs`` and ``params``, the fraction of the original model's MACs
+    (over the forward pass of ``example_input``) and parameters to keep, in ``(0, 1]`` (0.5 = half); the plan lands
+    in ``[fraction - 0.02, fraction]`` where the candidates allow, never above (with several budgets, the binding
+    one lands in that band and the others below their limits). ``latency_ms``, the whole model's
+    latency in ms on ``example_input`` (its device and batch): the dense model's median time, minus each planned
+    layer's, plus its chosen candidate's (each timed alone on a random input of the layer's input shape, with
+    :func:`~lightning_cheapconv.deploy.time_interleaved`; layers are assumed to add up).
+
+    Candidates per layer, selection (``include``/``exclude`` globs, ``skip_first``/``skip_last``, layers whose
+    weights are used elsewhere) as :func:`~lightning_cheapconv.convert.select_layers` does it for each of
+    ``methods`` (``"ghost"``, ``"structured"``); costs, sensitivities and the allocation: see the module docstring.
+    Sensitivities and Ghost weight inheritance use ``calibration`` (a batch of model inputs; ``example_input`` when
+    ``None``) in one forward pass, on the first images of each layer's input that give
+    :data:`SENSITIVITY_POSITIONS` output positions; with ``calibration`` the BatchNorm statistics are then
+    re-estimated on it (:func:`~lightning_cheapconv.convert.recalibrate_batchnorm`). Converted layers are
+    :class:`~lightning_cheapconv.nn.GhostConv2d` and :class:`~lightning_cheapconv.nn.StructuredConv2d` modules
+    carrying their own hyper-parameters in their structure records, so
+    :func:`~lightning_cheapconv.checkpoint.restructure` rebuilds the mixed model from its state dict.
+
+    Atomic: every argument, the plan and every new layer are checked or built before anything changes; on any error
+    the model is left exactly as it was.
+
+    Raises:
+        ValueError: naming the argument, its value and the valid range (``macs``/``params`` in ``(0, 1]``,
+            ``latency_ms`` > 0, at least one budget, ``methods`` a non-empty sequence of ``"ghost"``/``"structured"``,
+            bools as bools, glob patterns, a finite ``calibration`` batch that runs through the model); a budget that
+            cannot be met even with every layer at its cheapest candidate, naming the smallest reachable value.
+
+    Example::
+
+        >>> model = get_model("resnet20", 10)
+        >>> result = compress_to_budget(model, torch.randn(1, 3, 32, 32), macs=0.5, calibration=images)
+        >>> count_complexity(model, (1, 3, 32, 32)).macs <= 0.5 * 40_551_040   # half the original MACs
+        True
+        >>> print(result)                           # the per-layer plan as a table
+    """
+    owner = "compress_to_budget"
+    plan, inputs = _plan(
+        owner,
+        model,
+        example_input,
+        {"macs": macs, "params": params, "latency_ms": latency_ms},
+        methods,
+        calibration,
+        include,
+        exclude,
+        skip_first,
+        skip_last,
+    )
+    return apply_budget_plan(model, plan, calibration, inputs, owner)

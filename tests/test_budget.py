@@ -1,0 +1,213 @@
+"""Compression to a budget (lightning_cheapconv/budget.py)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from lightning_cheapconv import budget as budget_module
+from lightning_cheapconv import get_model
+from lightning_cheapconv.budget import TOLERANCE, BudgetResult, compress_to_budget, plan_budget
+from lightning_cheapconv.checkpoint import restructure
+from lightning_cheapconv.complexity import count_complexity
+from lightning_cheapconv.deploy import Latency
+from lightning_cheapconv.nn import GhostConv2d, StructuredConv2d
+from lightning_cheapconv.structure import StructureSpec, project
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _snapshot(model: nn.Module) -> tuple[dict, list]:
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return state, [(name, type(m), m.training) for name, m in model.named_modules()]
+
+
+def _assert_unchanged(model: nn.Module, snapshot: tuple[dict, list]) -> None:
+    state, modules = snapshot
+    assert [(name, type(m), m.training) for name, m in model.named_modules()] == modules
+    now = model.state_dict()
+    assert list(now) == list(state)
+    assert all(torch.equal(now[k], v) for k, v in state.items())
+
+
+@pytest.fixture(scope="module")
+def resnet20() -> nn.Module:
+    torch.manual_seed(0)
+    return get_model("resnet20", 10).eval()
+
+
+@pytest.mark.parametrize(
+    ("builder", "size", "key", "fraction"),
+    [
+        (lambda: get_model("resnet20", 10), 32, "macs", 0.5),
+        (lambda: get_model("resnet20", 10), 32, "params", 0.4),
+        (lambda: get_model("resnet56", 10), 32, "macs", 0.35),
+        (lambda: get_model("resnet56", 10), 32, "params", 0.5),
+        (lambda: torchvision.models.resnet18(), 64, "macs", 0.5),
+        (lambda: torchvision.models.resnet18(), 64, "params", 0.6),
+    ],
+    ids=["resnet20-macs", "resnet20-params", "resnet56-macs", "resnet56-params", "resnet18-macs", "resnet18-params"],
+)
+def test_budget_met_when_counted_independently(builder, size: int, key: str, fraction: float) -> None:
+    torch.manual_seed(0)
+    model = builder().eval()
+    example = _images(1, size)
+    before = count_complexity(model, example_input=example)
+    result = compress_to_budget(model, example, calibration=_images(4, size, seed=1), **{key: fraction})
+    after = count_complexity(model, example_input=example)
+    reached = getattr(after, key) / getattr(before, key)
+    assert fraction - TOLERANCE <= reached <= fraction
+    assert reached == pytest.approx(result.budget.fraction(key), abs=1e-12)  # the plan's counts are count_complexity's
+    assert isinstance(result, BudgetResult) and result.converted
+    assert result.params_after == after.params
+
+
+def test_plan_is_deterministic_and_leaves_the_model_alone(resnet20: nn.Module) -> None:
+    snapshot = _snapshot(resnet20)
+    example, calibration = _images(1, 32), _images(4, 32, seed=1)
+    first = plan_budget(resnet20, example, macs=0.5, calibration=calibration)
+    second = plan_budget(copy.deepcopy(resnet20), example, macs=0.5, calibration=calibration)
+    assert first.choices() == second.choices()
+    assert [c.sensitivity for layer in first.layers for c in layer.candidates] == [
+        c.sensitivity for layer in second.layers for c in layer.candidates
+    ]
+    _assert_unchanged(resnet20, snapshot)
+
+
+def _structured_layer1(seed: int = 0) -> nn.Module:
+    """ResNet-20 whose layer1 kernels are already structured (c = C, n = 2): free to decompose there."""
+    torch.manual_seed(seed)
+    model = get_model("resnet20", 10).eval()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.startswith("layer1.") and isinstance(module, nn.Conv2d):
+                module.weight.copy_(project(module.weight, StructureSpec(module.in_channels, (2, 2))))
+    return model
+
+
+def test_mixed_plan_restructures_into_a_fresh_model() -> None:
+    model = _structured_layer1()
+    example, calibration = _images(1, 32), _images(4, 32, seed=1)
+    result = compress_to_budget(model, example, macs=0.5, calibration=calibration)
+    kinds = {type(m) for m in model.modules()}
+    assert GhostConv2d in kinds and StructuredConv2d in kinds and nn.Conv2d in kinds
+    assert all(
+        result.budget.choices()[f"layer1.{b}.conv{c}"].startswith("structured") for b in range(3) for c in (1, 2)
+    )
+    assert "Budget plan" in str(result) and "total macs" in str(result)
+
+    fresh = get_model("resnet20", 10).eval()
+    rebuilt = restructure(fresh, model.state_dict())
+    assert len(rebuilt) == len(result.changes)
+    fresh.load_state_dict(model.state_dict())
+    x = _images(2, 32, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_infeasible_budget_is_refused_with_the_model_unchanged(resnet20: nn.Module) -> None:
+    model = copy.deepcopy(resnet20)
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match=r"macs=0\.05 cannot be met: the smallest reachable value is 0\.\d+"):
+        compress_to_budget(model, _images(1, 32), macs=0.05, calibration=_images(2, 32))
+    _assert_unchanged(model, snapshot)
+
+
+def test_failure_while_converting_leaves_the_model_unchanged(resnet20: nn.Module, monkeypatch) -> None:
+    model = copy.deepcopy(resnet20)
+    snapshot = _snapshot(model)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("recalibration failed")
+
+    monkeypatch.setattr(budget_module, "recalibrate_batchnorm", broken)
+    with pytest.raises(RuntimeError, match="recalibration failed"):
+        compress_to_budget(model, _images(1, 32), macs=0.5, calibration=_images(2, 32))
+    _assert_unchanged(model, snapshot)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"macs": 0}, r"macs=0 is out of range; valid range is \(0, 1\]"),
+        ({"macs": 1.5}, r"macs=1\.5 is out of range; valid range is \(0, 1\]"),
+        ({"params": "half"}, r"params='half' is out of range"),
+        ({"latency_ms": -1.0}, r"latency_ms=-1\.0 is out of range; valid range is > 0"),
+        ({}, r"no budget given; pass at least one of macs"),
+        ({"macs": 0.5, "methods": ()}, r"methods=\(\) is not valid"),
+        ({"macs": 0.5, "methods": ("ghost", "pruning")}, r"methods=\('ghost', 'pruning'\) is not valid"),
+        ({"macs": 0.5, "skip_first": "yes"}, r"skip_first='yes' is not a bool"),
+        ({"macs": 0.5, "include": ""}, r"include='' is not valid"),
+        ({"macs": 0.5, "calibration": torch.full((2, 3, 32, 32), float("nan"))}, r"calibration .* non-finite"),
+        (
+            {"macs": 0.5, "calibration": torch.randn(2, 5, 32, 32)},
+            r"calibration with input shapes \[\(2, 5, 32, 32\)\]",
+        ),
+        ({"macs": 0.5, "include": "nothing.*"}, r"no layer can be planned"),
+    ],
+)
+def test_bad_arguments_raise_before_anything_changes(resnet20: nn.Module, kwargs: dict, match: str) -> None:
+    model = copy.deepcopy(resnet20)
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        compress_to_budget(model, _images(1, 32), **kwargs)
+    _assert_unchanged(model, snapshot)
+
+
+def test_bad_example_input_is_named(resnet20: nn.Module) -> None:
+    with pytest.raises(ValueError, match="example_input must be a torch.Tensor batch of model inputs or a ModelCall"):
+        compress_to_budget(resnet20, [1, 2, 3], macs=0.5)
+
+
+def test_latency_budget_with_a_stubbed_timer(resnet20: nn.Module, monkeypatch) -> None:
+    """Dense layers take 1 ms, Ghost 1/s ms, structured 0.8 ms, the whole model 20 ms: 18 planned layers leave 2 ms
+    outside them; a 12 ms budget needs 8 ms saved."""
+    calls: list[list[str]] = []
+
+    def fake_timer(candidates, *args, **kwargs):
+        calls.append(list(candidates))
+        times = {}
+        for label in candidates:
+            if label == "model":
+                times[label] = 20.0
+            elif label.startswith("ghost"):
+                times[label] = 1.0 / int(label.removeprefix("ghost s="))
+            else:
+                times[label] = 1.0 if label == "dense" else 0.8
+        return {label: Latency((ms,)) for label, ms in times.items()}
+
+    monkeypatch.setattr(budget_module, "time_interleaved", fake_timer)
+    model = copy.deepcopy(resnet20)
+    plan = plan_budget(model, _images(1, 32), latency_ms=12.0, calibration=_images(2, 32))
+    assert plan.before["latency_ms"] == 20.0 and plan.fixed["latency_ms"] == pytest.approx(2.0)
+    assert 12.0 - 0.5 <= plan.total("latency_ms") <= 12.0  # granularity: the cheapest step saves 0.2 ms
+    assert ["model"] in calls and all("dense" in labels for labels in calls if labels != ["model"])
+    # Layers of equal configuration and input shape share one measurement.
+    assert len(calls) < 1 + len(plan.layers)
+    chosen = [layer.choice for layer in plan.layers]
+    assert all(c.latency_ms is not None for c in chosen) and any(c.method != "dense" for c in chosen)
+
+    both = plan_budget(model, _images(1, 32), latency_ms=12.0, macs=0.45, calibration=_images(2, 32))
+    assert both.total("latency_ms") <= 12.0 and both.fraction("macs") <= 0.45
+
+
+def test_allocation_fills_back_what_the_descent_overshot() -> None:
+    """The descent takes A's half step first (cheaper per unit saved), then must take B's full step; the fill then
+    takes A's step back: 0.5 of the MACs with sensitivity 0.3, where the descent alone stops at 0.25 with 0.4."""
+    from lightning_cheapconv.budget import BudgetPlan, Candidate, LayerBudget, _allocate
+
+    dense = Candidate("dense", macs=100, params=10)
+    a = LayerBudget("a", "Conv2d", (dense, Candidate("ghost", ratio=2, macs=50, params=5, sensitivity=0.1)))
+    b = LayerBudget("b", "Conv2d", (dense, Candidate("ghost", ratio=4, macs=0, params=3, sensitivity=0.3)))
+    plan = BudgetPlan([a, b], {"macs": 0.5}, {"macs": 200, "params": 20}, {"macs": 0, "params": 0})
+    _allocate(plan, "test")
+    assert plan.choices() == {"a": "dense", "b": "ghost s=4"}
+    assert plan.fraction("macs") == 0.5 and plan.sensitivity == pytest.approx(0.3)
