@@ -41,6 +41,14 @@ def tensors_in(value: Any) -> Iterator[Tensor]:
             yield from tensors_in(v)
 
 
+def _is_example_list(value: Any) -> bool:
+    """A list or tuple with one item per example: of dicts (torchvision's detection targets), or of 3-D tensors
+    (images ``(C, H, W)`` of any size, torchvision's detection and segmentation input)."""
+    if not isinstance(value, (list, tuple)) or hasattr(value, "_fields") or not value:
+        return False
+    return all(isinstance(v, Mapping) for v in value) or all(isinstance(v, Tensor) and v.dim() == 3 for v in value)
+
+
 @dataclass(frozen=True)
 class ModelCall:
     """The arguments of one ``model(*args, **kwargs)`` call; tensors anywhere inside (lists, dicts) are
@@ -80,7 +88,12 @@ class ModelCall:
 
     @property
     def batch_size(self) -> int | None:
-        """Length of the first dimension of the first tensor argument (``None`` without tensors)."""
+        """The number of examples: the length of the first argument when it is a list of examples (dicts, or
+        ``(C, H, W)`` images as torchvision's detection models take them), else the length of the first dimension
+        of the first tensor argument (``None`` without tensors)."""
+        leading = next(iter((*self.args, *self.kwargs.values())), None)
+        if _is_example_list(leading):
+            return len(leading)
         first = next(self.tensors(), None)
         return None if first is None or first.dim() == 0 else first.shape[0]
 
@@ -100,9 +113,24 @@ class ModelCall:
         )
 
     def first(self, n: int) -> ModelCall:
-        """The call on the first ``n`` examples (copies): tensors whose first dimension is the batch are sliced."""
+        """The call on the first ``n`` examples (copies): lists of examples keep their first ``n`` items, tensors
+        whose first dimension is the batch are sliced (see :attr:`batch_size`)."""
         size = self.batch_size
-        return self._map(lambda t: (t[:n] if size is not None and t.dim() > 0 and t.shape[0] == size else t).clone())
+
+        def cut(value: Any) -> Any:
+            if _is_example_list(value) and len(value) == size:
+                return type(value)(_map_tensors(v, torch.clone) for v in value[:n])
+            if isinstance(value, Tensor):
+                return (value[:n] if size is not None and value.dim() > 0 and value.shape[0] == size else value).clone()
+            if isinstance(value, tuple) and hasattr(value, "_fields"):
+                return type(value)(*(cut(v) for v in value))
+            if isinstance(value, (list, tuple)):
+                return type(value)(cut(v) for v in value)
+            if isinstance(value, Mapping):
+                return {k: cut(v) for k, v in value.items()}
+            return value
+
+        return ModelCall(tuple(cut(a) for a in self.args), {k: cut(v) for k, v in self.kwargs.items()})
 
 
 def as_calls(inputs: Tensor | ModelCall | Sequence[Tensor | ModelCall]) -> list[ModelCall]:

@@ -38,7 +38,9 @@ def summary(output: Path) -> dict:
     return json.loads((output / "summary.json").read_text())
 
 
-@pytest.mark.parametrize("script", ["cifar_ghost.py", "cifar_structured.py", "imagenet.py", "finetune_existing.py"])
+@pytest.mark.parametrize(
+    "script", ["cifar_ghost.py", "cifar_structured.py", "imagenet.py", "finetune_existing.py", "detection_ghost.py"]
+)
 def test_help(script):
     assert "usage" in run_example(script, "--help").stdout
 
