@@ -29,6 +29,7 @@ from .nn.record import (
     StructureRecordMixin,
     build_from_record,
     decode_record,
+    kind_class,
     records_equal,
     registered_kinds,
     upgrade_record,
@@ -81,10 +82,15 @@ def _records(state_dict: Mapping[str, Any]) -> tuple[dict[str, dict], dict[str, 
 
 def dense_layer_for(record: dict) -> nn.Module:
     """The plain ``nn.Conv2d``/``nn.Linear`` (on the meta device: nothing allocated) that a cheap module with this
-    (trusted) structure record replaced."""
+    (trusted) structure record replaced (``nn.Conv1d``/``nn.Conv3d`` for a kernel of one or three sides; a kind
+    whose class defines ``dense_layer_for(record)``, such as the transposed convs, says itself)."""
+    own = getattr(kind_class(record.get("kind")), "dense_layer_for", None)
+    if own is not None:
+        return own(record)
     if "in_features" in record:
         return nn.Linear(record["in_features"], record["out_features"], bias=record["bias"], device="meta")
-    return nn.Conv2d(
+    conv_type = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(record["kernel_size"])]
+    return conv_type(
         record["in_channels"],
         record["out_channels"],
         tuple(record["kernel_size"]),
@@ -165,7 +171,7 @@ def _plan(model: nn.Module, state_dict: Mapping[str, Any]) -> dict[str, nn.Modul
     modules = dict(model.named_modules(remove_duplicate=False))
     for path, kind in unknown.items():
         # Where a cheap module or a layer it replaces sits, a record nobody can build is an error, not a skip.
-        if isinstance(modules.get(path), (StructureRecordMixin, nn.Conv2d, nn.Linear)):
+        if isinstance(modules.get(path), (StructureRecordMixin, nn.modules.conv._ConvNd, nn.Linear)):
             raise ValueError(
                 f"state dict key {_join(path, _EXTRA)!r}: unknown structure kind {short_repr(kind)}; "
                 f"known kinds are {registered_kinds()}"

@@ -1,4 +1,5 @@
-"""Weight inheritance: map a trained ``nn.Conv2d`` onto a :class:`~lightning_cheapconv.nn.GhostConv2d`.
+"""Weight inheritance: map a trained ``nn.Conv2d`` onto a :class:`~lightning_cheapconv.nn.GhostConv2d` (and an
+``nn.Conv1d``/``nn.Conv3d`` onto a ``GhostConv1d``/``GhostConv3d``: the same maths with ``d`` or ``d³`` taps).
 
 DESIGN.md section 3. A ghost map is ``dw ∗ (W_i ∗ x)``: a depthwise ``d x d`` kernel applied to
 intrinsic map ``i``. So ``m = ceil(O / s)`` of the original filters are kept as the primary conv
@@ -19,6 +20,7 @@ filters that explain ``s - 1`` others best become intrinsics first and claim tho
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,14 +40,18 @@ class GhostFit:
 
     intrinsics: Tensor  # (m,) original filter indices kept by the primary conv, in slot order
     ghost_of: dict[int, int]  # original filter index -> intrinsic slot (0..m-1)
-    kernels: dict[int, Tensor]  # original filter index -> (d, d) depthwise kernel
+    kernels: dict[int, Tensor]  # original filter index -> (d, d) depthwise kernel ((d,) in 1-d, (d, d, d) in 3-d)
     bias_shift: dict[int, float]  # original filter index -> bias of its ghost channel
     relative_error: float  # ‖fit - original‖ / ‖original‖ over all output channels
 
 
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
 def _check_conv(conv: object, name: str) -> nn.Conv2d:
-    """A plain dense conv with finite weights: what a Ghost module can inherit from."""
-    check_instance(name, conv, nn.Conv2d)
+    """A plain dense conv (1-, 2- or 3-d) with finite weights: what a Ghost module can inherit from."""
+    check_instance(name, conv, _CONVS)
     if conv.groups != 1:
         raise ValueError(f"{name}: groups={conv.groups}; Ghost weight inheritance needs a dense conv (groups=1)")
     check_finite_tensor(f"{name}.weight", conv.weight)
@@ -54,18 +60,31 @@ def _check_conv(conv: object, name: str) -> nn.Conv2d:
     return conv
 
 
-def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
+def _correlations(
+    kernels: Tensor, filters: Tensor, span: int, stride: tuple[int, ...], dilation: tuple[int, ...], groups: int = 1
+) -> Tensor:
+    """``F.conv2d(kernels, filters, groups=groups)`` at the pixel displacements ``s·Δ``, ``Δ`` in ``[-span, span]²``, of
+    kernels whose taps lie ``δ`` pixels apart (stride ``s``, dilation ``δ``): ``(B, F, 2·span + 1, 2·span + 1)``
+    (``F.conv1d``/``F.conv3d`` and one side per dimension for 1-d and 3-d kernels).
 
-
-def _dilate(weight: Tensor, dilation: tuple[int, int]) -> Tensor:
-    """Place kernel taps ``dilation`` pixels apart (zeros between), as a dilated conv samples the input."""
-    if dilation == (1, 1):
-        return weight
-    out, channels, k_h, k_w = weight.shape
-    spread = weight.new_zeros(out, channels, dilation[0] * (k_h - 1) + 1, dilation[1] * (k_w - 1) + 1)
-    spread[:, :, :: dilation[0], :: dilation[1]] = weight
-    return spread
+    Dilated kernels overlap only where ``s·Δ`` is a multiple of ``δ``: with ``g = gcd(s, δ)`` at ``Δ = (δ/g)·j``, where
+    they are ``(s/g)·j`` taps apart. One conv of the compact kernels at stride ``s/g`` gives those entries; the others
+    are zero. (Spreading the kernels out to their dilated size instead took ``δ²`` times the memory and time: 5 GB and
+    most of a minute for DeepLabV3's dilation-36 ASPP conv.)
+    """
+    steps = [(d // math.gcd(s, d), s // math.gcd(s, d)) for s, d in zip(stride, dilation, strict=True)]
+    reach = [span // step_delta for step_delta, _ in steps]
+    taps = _CONV_FNS[len(stride)](
+        kernels,
+        filters,
+        stride=tuple(step_taps for _, step_taps in steps),
+        padding=tuple(step_taps * j for (_, step_taps), j in zip(steps, reach, strict=True)),
+        groups=groups,
+    )
+    out = taps.new_zeros(*taps.shape[:2], *(2 * span + 1,) * len(stride))
+    sides = [slice(span - delta * j, span + delta * j + 1, delta) for (delta, _), j in zip(steps, reach, strict=True)]
+    out[(slice(None), slice(None), *sides)] = taps
+    return out
 
 
 def _ridge(gram: Tensor) -> Tensor:
@@ -77,16 +96,18 @@ def _ridge(gram: Tensor) -> Tensor:
 class _PairFits:
     """Least-squares fits of every target ``o`` from every candidate intrinsic ``i``.
 
-    ``gram``: ``(I, t, t)``, ``cross``: ``(I, O, t)``, ``target_sq``: ``(O,)``, with ``t`` taps (``d²``,
-    or 1 when only the centre tap can fit, as for 1x1 kernels). Errors of all pairs are quadratic
+    ``gram``: ``(I, t, t)``, ``cross``: ``(I, O, t)``, ``target_sq``: ``(O,)``, with ``t`` taps (``d²``; ``d``, ``d³``
+    in 1-d, 3-d; or 1 when only the centre tap can fit, as for 1x1 kernels). Errors of all pairs are quadratic
     forms with the inverted Grams; kernels are solved only for the pairs that are kept.
     """
 
-    def __init__(self, gram: Tensor, cross: Tensor, target_sq: Tensor, dw_size: int, chunk: int = 128) -> None:
+    def __init__(
+        self, gram: Tensor, cross: Tensor, target_sq: Tensor, dw_size: int, chunk: int = 128, dims: int = 2
+    ) -> None:
         self.inverse = torch.linalg.inv(_ridge(gram.double()))
         self.cross = cross
         self.target_sq = target_sq.double()
-        self.dw_size = dw_size
+        self.dw_size, self.dims = dw_size, dims
         explained = []
         for start in range(0, cross.shape[0], chunk):
             b = cross[start : start + chunk].double()
@@ -94,13 +115,14 @@ class _PairFits:
         self.errors = (self.target_sq[None, :] - torch.cat(explained)).clamp_min(0.0)  # (I, O)
 
     def kernels(self, intrinsics: Tensor, targets: Tensor) -> Tensor:
-        """The ``(len, d, d)`` depthwise kernels that make each ``targets[j]`` from ``intrinsics[j]``."""
+        """The ``(len, d, d)`` depthwise kernels that make each ``targets[j]`` from ``intrinsics[j]`` (one ``d`` per
+        dimension)."""
         taps = torch.einsum("jqp,jp->jq", self.inverse[intrinsics], self.cross[intrinsics, targets].double())
         if taps.shape[1] == 1:
-            full = taps.new_zeros(taps.shape[0], self.dw_size * self.dw_size)
+            full = taps.new_zeros(taps.shape[0], self.dw_size**self.dims)
             full[:, full.shape[1] // 2] = taps[:, 0]
             taps = full
-        return taps.reshape(-1, self.dw_size, self.dw_size).float()
+        return taps.reshape(-1, *(self.dw_size,) * self.dims).float()
 
 
 def assign_ghosts(errors: Tensor, ratio: int) -> tuple[list[int], dict[int, int]]:
@@ -172,7 +194,8 @@ def _finish(fits: _PairFits, ratio: int) -> GhostFit:
 def fit_ghost_from_kernels(conv: nn.Conv2d, ratio: int, dw_size: int, name: str = "conv") -> GhostFit:
     """Fit in kernel space (no data needed). Exact away from image borders when a perfect fit exists.
 
-    ``conv`` is a dense ``nn.Conv2d`` (``groups=1``); ``ratio`` (s) an int >= 2; ``dw_size`` (d) an odd int >= 1.
+    ``conv`` is a dense ``nn.Conv2d`` (or ``nn.Conv1d``/``nn.Conv3d``; ``groups=1``); ``ratio`` (s) an int >= 2;
+    ``dw_size`` (d) an odd int >= 1.
 
     Raises:
         ValueError: naming ``name`` (the layer) for a grouped conv or NaN/inf weights, or the bad argument.
@@ -181,31 +204,26 @@ def fit_ghost_from_kernels(conv: nn.Conv2d, ratio: int, dw_size: int, name: str 
     _check_conv(conv, name)
     weight = conv.weight.detach().float()
     out_channels = weight.shape[0]
-    stride, dilation = _pair(conv.stride), _pair(conv.dilation)
+    stride, dilation = tuple(conv.stride), tuple(conv.dilation)
+    dims = len(stride)
     half = dw_size // 2
     flat = weight.flatten(1)
     target_sq = flat.pow(2).sum(1)
-    if tuple(weight.shape[2:]) == (1, 1):
+    if all(side == 1 for side in weight.shape[2:]):
         # Shifted copies of a 1x1 kernel never overlap the target: only the centre tap can fit.
         cross = (flat @ flat.T)[:, :, None]
         gram = target_sq[:, None, None]
     else:
-        # Kernels live on a grid of spacing δ (dilation); spread them out so that plain indexing matches.
-        spread = _dilate(weight, dilation)
-        # cross[i, o, q] = <shift_q(W_i), W_o>: correlate W_o with W_i at stride s, dilation δ.
-        padding = (stride[0] * half, stride[1] * half)
-        cross = F.conv2d(spread, weight, stride=stride, padding=padding, dilation=dilation)  # (o, i, d, d)
-        cross = cross.permute(1, 0, 2, 3).flatten(2)
+        # cross[i, o, q] = <shift_q(W_i), W_o> at offsets s·(q - d//2) pixels; shape (o, i, d, d).
+        cross = _correlations(weight, weight, half, stride, dilation).transpose(0, 1).flatten(2)
         # Autocorrelation of each W_i at displacements s·Δ, Δ in [-(d-1), d-1]², gives G_i[q, q'].
-        reach = (stride[0] * (dw_size - 1), stride[1] * (dw_size - 1))
-        grouped_in = spread.reshape(1, -1, *spread.shape[2:])
-        auto = F.conv2d(grouped_in, weight, stride=stride, padding=reach, dilation=dilation, groups=out_channels)[0]
-        q = torch.arange(dw_size) + dw_size - 1
-        p = torch.arange(dw_size)
-        delta_h = (q[:, None, None, None] - p[None, None, :, None]).expand(dw_size, dw_size, dw_size, dw_size)
-        delta_w = (q[None, :, None, None] - p[None, None, None, :]).expand(dw_size, dw_size, dw_size, dw_size)
-        gram = auto[:, delta_h, delta_w].reshape(out_channels, dw_size * dw_size, dw_size * dw_size)
-    fit = _finish(_PairFits(gram, cross, target_sq, dw_size), ratio)
+        grouped_in = weight.reshape(1, -1, *weight.shape[2:])
+        auto = _correlations(grouped_in, weight, dw_size - 1, stride, dilation, groups=out_channels)[0]
+        # Taps q in row-major order (as flatten lists them); G_i[q, p] is the autocorrelation at q - p per side.
+        taps = torch.cartesian_prod(*[torch.arange(dw_size)] * dims).reshape(-1, dims)
+        delta = taps[:, None, :] - taps[None, :, :] + dw_size - 1  # (d^n, d^n, n)
+        gram = auto[(slice(None), *delta.unbind(-1))]
+    fit = _finish(_PairFits(gram, cross, target_sq, dw_size, dims=dims), ratio)
     if conv.bias is not None:
         bias = conv.bias.detach().float()
         fit.bias_shift = {
@@ -217,7 +235,8 @@ def fit_ghost_from_kernels(conv: nn.Conv2d, ratio: int, dw_size: int, name: str 
 def fit_ghost_from_activations(
     conv: nn.Conv2d, inputs: Tensor, ratio: int, dw_size: int, max_positions: int = 16384, name: str = "conv"
 ) -> GhostFit:
-    """Fit on the layer's real outputs for ``inputs`` (a calibration batch of the layer's *input*, ``(B, C, H, W)``).
+    """Fit on the layer's real outputs for ``inputs`` (a calibration batch of the layer's *input*, ``(B, C, H, W)``;
+    ``(B, C, L)`` for an ``nn.Conv1d``, ``(B, C, D, H, W)`` for an ``nn.Conv3d``).
 
     The least squares run over at most ``max_positions`` output positions (batch x height x width), drawn with a
     fixed seed when there are more. Positions are drawn before the ``d x d`` neighbourhoods are gathered, so memory
@@ -231,17 +250,18 @@ def fit_ghost_from_activations(
     check_int("max_positions", max_positions, 1, owner=name)
     _check_conv(conv, name)
     check_finite_tensor(f"{name}: inputs", inputs)
-    if inputs.dim() != 4 or inputs.shape[1] != conv.in_channels:
+    dims = len(conv.kernel_size)
+    if inputs.dim() != dims + 2 or inputs.shape[1] != conv.in_channels:
+        sides = {1: "L", 2: "H, W", 3: "D, H, W"}[dims]
         raise ValueError(
             f"{name}: inputs of shape {tuple(inputs.shape)} do not fit the conv; valid shapes are "
-            f"(B, {conv.in_channels}, H, W)"
+            f"(B, {conv.in_channels}, {sides})"
         )
     bias = conv.bias.detach().float() if conv.bias is not None else None
     with torch.no_grad():
         # With the bias: the cheap conv sees the biased intrinsic maps, zero-padded at the borders.
         outputs = conv._conv_forward(inputs.float(), conv.weight.float(), bias)
-        batch, _, height, width = outputs.shape
-        positions = batch * height * width
+        positions = outputs.shape[0] * math.prod(outputs.shape[2:])
         if positions > max_positions:
             keep = torch.randperm(positions, generator=torch.Generator().manual_seed(0))[:max_positions]
         else:
@@ -255,7 +275,7 @@ def fit_ghost_from_activations(
     gram = patches @ patches.transpose(1, 2)  # (I, d², d²)
     cross = torch.einsum("iqn,on->ioq", patches, targets)
     target_sq = targets.pow(2).sum(1)
-    fit = _finish(_PairFits(gram, cross, target_sq, dw_size), ratio)
+    fit = _finish(_PairFits(gram, cross, target_sq, dw_size, dims=dims), ratio)
     if bias is not None:
         # The least-squares intercept: tap means differ from the map's mean near the zero-padded borders.
         fit.bias_shift = {
@@ -268,15 +288,24 @@ def fit_ghost_from_activations(
 def _neighbourhoods(outputs: Tensor, keep: Tensor, dw_size: int) -> tuple[Tensor, Tensor]:
     """The ``d x d`` zero-padded neighbourhoods ``(O, d², N)`` and the values ``(O, N)`` of ``outputs`` (B, O, H, W)
     at the flat positions ``keep`` (index ``b·H·W + y·W + x``): what ``F.unfold(outputs, d, padding=d // 2)`` holds
-    at those positions, in the same tap order, without unfolding the whole map."""
-    _, channels, height, width = outputs.shape
-    b, rest = keep // (height * width), keep % (height * width)
-    y, x = rest // width, rest % width
+    at those positions, in the same tap order, without unfolding the whole map. One side per spatial dimension
+    for 1-d and 3-d maps (``d`` or ``d³`` taps, in row-major order)."""
+    sizes = outputs.shape[2:]
+    coords = []
+    rest = keep
+    for size in reversed(sizes):
+        coords.append(rest % size)
+        rest = rest // size
+    b, coords = rest, coords[::-1]
     half = dw_size // 2
-    patches = outputs.new_empty(channels, dw_size * dw_size, len(keep))
-    for tap in range(dw_size * dw_size):
-        ty, tx = y + tap // dw_size - half, x + tap % dw_size - half
-        values = outputs[b, :, ty.clamp(0, height - 1), tx.clamp(0, width - 1)]  # (N, O)
-        values[(ty < 0) | (ty >= height) | (tx < 0) | (tx >= width)] = 0.0
+    taps = torch.cartesian_prod(*[torch.arange(dw_size)] * len(sizes)).reshape(-1, len(sizes)).tolist()
+    patches = outputs.new_empty(outputs.shape[1], len(taps), len(keep))
+    for tap, offsets in enumerate(taps):
+        moved = [c + o - half for c, o in zip(coords, offsets, strict=True)]
+        outside = torch.zeros_like(keep, dtype=torch.bool)
+        for m, size in zip(moved, sizes, strict=True):
+            outside |= (m < 0) | (m >= size)
+        values = outputs[(b, slice(None), *(m.clamp(0, size - 1) for m, size in zip(moved, sizes, strict=True)))]
+        values[outside] = 0.0  # (N, O)
         patches[:, tap] = values.T
-    return patches, outputs[b, :, y, x].T.contiguous()
+    return patches, outputs[(b, slice(None), *coords)].T.contiguous()

@@ -435,7 +435,7 @@ def test_activation_fit_peak_memory_is_bounded_by_the_output_not_its_unfolding()
     [
         (lambda c: fit_ghost_from_kernels(c, 1, 3, name="c1"), "c1: ratio=1 is out of range"),
         (lambda c: fit_ghost_from_kernels(c, 2, 4, name="c1"), r"c1: dw_size=4 is out of range; .*odd"),
-        (lambda c: fit_ghost_from_kernels(nn.Linear(2, 2), 2, 3), "conv must be a Conv2d, got Linear"),
+        (lambda c: fit_ghost_from_kernels(nn.Linear(2, 2), 2, 3), "conv must be a Conv1d or Conv2d or Conv3d"),
         (lambda c: fit_ghost_from_kernels(nn.Conv2d(4, 8, 3, groups=2), 2, 3), "groups=2; Ghost weight inheritance"),
         (lambda c: fit_ghost_from_activations(c, torch.randn(2, 3, 6, 6), 2, 3, name="c1"), r"c1: inputs of shape"),
         (lambda c: fit_ghost_from_activations(c, torch.randn(4, 6, 6), 2, 3, name="c1"), r"\(B, 4, H, W\)"),

@@ -236,11 +236,11 @@ def test_functions_validate_against_the_weight():
         with pytest.raises(ValueError, match=r"valid range is 1\.\.3"):
             fn(weight, StructureSpec(4, (2, 2)))
     with pytest.raises(ValueError, match="expected a Linear"):
-        project(torch.randn(2, 3, 3), StructureSpec(1))
+        project(torch.randn(2, 3, 3, 3, 3, 3), StructureSpec(1))  # rank 3 and 5 are Conv1d and Conv3d weights
     with pytest.raises(ValueError, match="expected a kernel shape"):
         from_alpha(torch.randn(2, 1, 1, 1), (3, 3))
     with pytest.raises(ValueError, match="an int or a pair"):
-        StructureSpec(1, (1, 2, 3))
+        StructureSpec(1, (1, 2, 3, 4))  # 1, 2 or 3 sides
 
 
 @pytest.mark.parametrize(

@@ -2,12 +2,20 @@
 
 from .crelu import CReLU
 from .fused import FoldedBatchNorm, FusedConv2d, FusedGhostConv2d
-from .ghost import GhostBottleneck, GhostConv2d
+from .ghost import GhostBottleneck, GhostConv1d, GhostConv2d, GhostConv3d
 from .record import build_from_record
 from .separable import DepthwiseSeparableConv2d
 from .shuffle import ChannelShuffle
 from .squeeze_excite import SqueezeExcite
-from .structured import StructuredConv2d, StructuredLinear
+from .structured import StructuredConv1d, StructuredConv2d, StructuredConv3d, StructuredLinear
+from .transposed import (
+    GhostConvTranspose1d,
+    GhostConvTranspose2d,
+    GhostConvTranspose3d,
+    StructuredConvTranspose1d,
+    StructuredConvTranspose2d,
+    StructuredConvTranspose3d,
+)
 
 __all__ = [
     "CReLU",
@@ -17,9 +25,19 @@ __all__ = [
     "FusedConv2d",
     "FusedGhostConv2d",
     "GhostBottleneck",
+    "GhostConv1d",
     "GhostConv2d",
+    "GhostConv3d",
+    "GhostConvTranspose1d",
+    "GhostConvTranspose2d",
+    "GhostConvTranspose3d",
     "SqueezeExcite",
+    "StructuredConv1d",
     "StructuredConv2d",
+    "StructuredConv3d",
+    "StructuredConvTranspose1d",
+    "StructuredConvTranspose2d",
+    "StructuredConvTranspose3d",
     "StructuredLinear",
     "build_from_record",
 ]

@@ -1,10 +1,15 @@
-"""Ghost modules (Han et al., "GhostNet: More Features from Cheap Operations", CVPR 2020)."""
+"""Ghost modules (Han et al., "GhostNet: More Features from Cheap Operations", CVPR 2020).
+
+One implementation (:class:`_GhostConvNd`) serves every dimension: :class:`GhostConv1d`, :class:`GhostConv2d` and
+:class:`GhostConv3d` replace ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d``, with a primary conv and a depthwise
+cheap conv of the same dimension.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -13,7 +18,7 @@ from ..validation import check_bool, check_finite_number, check_int, short_repr
 from .record import StructureRecordMixin, check_conv_args, register_kind
 from .squeeze_excite import SqueezeExcite
 
-__all__ = ["GhostConv2d", "GhostBottleneck", "check_ghost_sizes"]
+__all__ = ["GhostConv1d", "GhostConv2d", "GhostConv3d", "GhostBottleneck", "check_ghost_sizes"]
 
 LayerFactory = Callable[[int], nn.Module]
 
@@ -27,13 +32,15 @@ def check_ghost_sizes(ratio: object, dw_size: object, owner: str | None = None) 
     return check_int("ratio", ratio, 2, owner=owner), check_int("dw_size", dw_size, 1, odd=True, owner=owner)
 
 
-def _layer_name(factory: LayerFactory | type[nn.Module] | None) -> str | None:
+def _layer_name(
+    factory: LayerFactory | type[nn.Module] | None, owner: str = "GhostConv2d", dims: int = 2
+) -> str | None:
     if factory is None:
         return None
     name = getattr(factory, "__name__", None)
     if name is None or getattr(nn, name, None) is not factory:
         raise ValueError(
-            f"GhostConv2d: norm_layer/act_layer must be a torch.nn class (e.g. nn.BatchNorm2d, nn.ReLU) so the "
+            f"{owner}: norm_layer/act_layer must be a torch.nn class (e.g. nn.BatchNorm{dims}d, nn.ReLU) so the "
             f"module can describe itself in checkpoints, got {factory!r}"
         )
     return name
@@ -46,34 +53,16 @@ def _make_activation(act_layer: type[nn.Module]) -> nn.Module:
         return act_layer()
 
 
-@register_kind
-class GhostConv2d(StructureRecordMixin, nn.Module):
-    """Ghost module: a primary conv makes ``m = ceil(out / ratio)`` intrinsic maps, a depthwise
-    ``dw_size`` conv makes ``m·(ratio-1)`` ghosts from them, and ``out_channels`` of the
-    concatenation are kept.
-
-    From Han et al., "GhostNet: More Features from Cheap Operations", CVPR 2020. Without
-    ``norm_layer``/``act_layer`` it is a conv-only drop-in for ``nn.Conv2d``: the host network's
-    BatchNorm and activation stay outside (converting a conv that BN+ReLU already follow must
-    not add a second BN+ReLU). GhostNet blocks pass ``norm_layer=nn.BatchNorm2d`` and
-    ``act_layer=nn.ReLU``, applied after both the primary and the cheap conv.
-
-    Ghost channel ``t`` (of the cheap conv's output) is made from intrinsic ``t // (ratio-1)``.
-    The optional ``output_index`` buffer says which of the ``m·ratio`` concatenated channels
-    feeds each output channel (weight inheritance keeps the original conv's channel order with
-    it); when it is the plain "first ``out_channels``" it is not stored and costs nothing.
-
-    Raises ``ValueError`` naming the argument, its value and the valid range for a conv argument
-    that ``nn.Conv2d`` could not run with (:func:`~lightning_cheapconv.nn.record.check_conv_args`),
-    a ``ratio`` below 2 or an even ``dw_size`` (:func:`check_ghost_sizes`), or a ``norm_layer``/``act_layer``
-    not from ``torch.nn``.
-
-    Example::
-
-        >>> ghost = GhostConv2d(64, 128, 3, padding=1, ratio=2, dw_size=3)
-        >>> ghost(torch.randn(1, 64, 16, 16)).shape
-        torch.Size([1, 128, 16, 16])
+class _GhostConvNd(StructureRecordMixin, nn.Module):
+    """The Ghost module of any dimension (``_dims`` spatial dimensions; the public classes set it): a primary
+    ``nn.Conv{_dims}d`` makes ``m = ceil(out / ratio)`` intrinsic maps, a depthwise ``nn.Conv{_dims}d`` of size
+    ``dw_size`` makes ``m·(ratio-1)`` ghosts, and ``out_channels`` of the concatenation are kept, optionally
+    reordered by ``output_index``. See :class:`GhostConv2d` for the arguments and rules.
     """
+
+    _dims: ClassVar[int] = 2
+    _conv_type: ClassVar[type[nn.Module]] = nn.Conv2d
+    _name: ClassVar[str] = "GhostConv2d"  # names the class in errors (FusedGhostConv2d checks its own first)
 
     # TorchScript compiles a module's properties; these two index containers it cannot (forward does not use them).
     __jit_unused_properties__ = ["primary", "cheap"]
@@ -82,10 +71,10 @@ class GhostConv2d(StructureRecordMixin, nn.Module):
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: str | int | tuple[int, int] = 0,
-        dilation: int | tuple[int, int] = 1,
+        kernel_size: int | tuple[int, ...],
+        stride: int | tuple[int, ...] = 1,
+        padding: str | int | tuple[int, ...] = 0,
+        dilation: int | tuple[int, ...] = 1,
         bias: bool = False,
         ratio: int = 2,
         dw_size: int = 3,
@@ -97,21 +86,22 @@ class GhostConv2d(StructureRecordMixin, nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        owner, dims, conv_type = self._name, self._dims, self._conv_type
         in_channels, out_channels, kernel_size, stride, padding, dilation, _, bias, padding_mode = check_conv_args(
-            "GhostConv2d", in_channels, out_channels, kernel_size, stride, padding, dilation, 1, bias, padding_mode
+            owner, in_channels, out_channels, kernel_size, stride, padding, dilation, 1, bias, padding_mode, dims
         )
-        check_bool("permuted", permuted, owner="GhostConv2d")
-        ratio, dw_size = check_ghost_sizes(ratio, dw_size, owner="GhostConv2d")
+        check_bool("permuted", permuted, owner=owner)
+        ratio, dw_size = check_ghost_sizes(ratio, dw_size, owner=owner)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.ratio, self.dw_size = ratio, dw_size
-        self.norm_name, self.act_name = _layer_name(norm_layer), _layer_name(act_layer)
+        self.norm_name, self.act_name = _layer_name(norm_layer, owner, dims), _layer_name(act_layer, owner, dims)
         self.intrinsic_channels = math.ceil(out_channels / ratio)
         factory = {"device": device, "dtype": dtype}
         m = self.intrinsic_channels
         primary: list[nn.Module] = [
-            nn.Conv2d(in_channels, m, kernel_size, stride, padding, dilation, 1, bias, padding_mode, **factory)
+            conv_type(in_channels, m, kernel_size, stride, padding, dilation, 1, bias, padding_mode, **factory)
         ]
-        cheap: list[nn.Module] = [nn.Conv2d(m, m * (ratio - 1), dw_size, 1, dw_size // 2, 1, m, bias, **factory)]
+        cheap: list[nn.Module] = [conv_type(m, m * (ratio - 1), dw_size, 1, dw_size // 2, 1, m, bias, **factory)]
         if norm_layer is not None:
             primary.append(norm_layer(m, **factory))
             cheap.append(norm_layer(m * (ratio - 1), **factory))
@@ -128,13 +118,14 @@ class GhostConv2d(StructureRecordMixin, nn.Module):
 
     @property
     def primary(self) -> nn.Conv2d:
-        """The primary ``nn.Conv2d`` (inside ``primary_conv`` when a norm or activation follows it)."""
-        return self.primary_conv if isinstance(self.primary_conv, nn.Conv2d) else self.primary_conv[0]
+        """The primary ``nn.Conv2d`` (``Conv1d``, ``Conv3d``; inside ``primary_conv`` when a norm or activation
+        follows it)."""
+        return self.primary_conv if isinstance(self.primary_conv, self._conv_type) else self.primary_conv[0]
 
     @property
     def cheap(self) -> nn.Conv2d:
-        """The depthwise ``nn.Conv2d`` that makes the ghosts."""
-        return self.cheap_operation if isinstance(self.cheap_operation, nn.Conv2d) else self.cheap_operation[0]
+        """The depthwise ``nn.Conv2d`` (``Conv1d``, ``Conv3d``) that makes the ghosts."""
+        return self.cheap_operation if isinstance(self.cheap_operation, self._conv_type) else self.cheap_operation[0]
 
     def set_output_index(self, index: Sequence[int] | Tensor | None) -> None:
         """Set which concatenated channel feeds each output channel (``None`` or the identity: the first
@@ -145,7 +136,7 @@ class GhostConv2d(StructureRecordMixin, nn.Module):
         """
         if index is not None:
             index = torch.as_tensor(index, device=self.primary.weight.device)
-            self._check_output_index(index, "GhostConv2d: output_index")
+            self._check_output_index(index, f"{self._name}: output_index")
             index = index.long()
             if torch.equal(index.cpu(), torch.arange(self.out_channels)):
                 index = None
@@ -226,6 +217,84 @@ class GhostConv2d(StructureRecordMixin, nn.Module):
             f"{self.in_channels}, {self.out_channels}, ratio={self.ratio}, dw_size={self.dw_size}, "
             f"intrinsic_channels={self.intrinsic_channels}, permuted={self.output_index is not None}"
         )
+
+
+@register_kind
+class GhostConv2d(_GhostConvNd):
+    """Ghost module: a primary conv makes ``m = ceil(out / ratio)`` intrinsic maps, a depthwise
+    ``dw_size`` conv makes ``m·(ratio-1)`` ghosts from them, and ``out_channels`` of the
+    concatenation are kept.
+
+    From Han et al., "GhostNet: More Features from Cheap Operations", CVPR 2020. Without
+    ``norm_layer``/``act_layer`` it is a conv-only drop-in for ``nn.Conv2d``: the host network's
+    BatchNorm and activation stay outside (converting a conv that BN+ReLU already follow must
+    not add a second BN+ReLU). GhostNet blocks pass ``norm_layer=nn.BatchNorm2d`` and
+    ``act_layer=nn.ReLU``, applied after both the primary and the cheap conv.
+
+    Ghost channel ``t`` (of the cheap conv's output) is made from intrinsic ``t // (ratio-1)``.
+    The optional ``output_index`` buffer says which of the ``m·ratio`` concatenated channels
+    feeds each output channel (weight inheritance keeps the original conv's channel order with
+    it); when it is the plain "first ``out_channels``" it is not stored and costs nothing.
+
+    Raises ``ValueError`` naming the argument, its value and the valid range for a conv argument
+    that ``nn.Conv2d`` could not run with (:func:`~lightning_cheapconv.nn.record.check_conv_args`),
+    a ``ratio`` below 2 or an even ``dw_size`` (:func:`check_ghost_sizes`), or a ``norm_layer``/``act_layer``
+    not from ``torch.nn``.
+
+    Example::
+
+        >>> ghost = GhostConv2d(64, 128, 3, padding=1, ratio=2, dw_size=3)
+        >>> ghost(torch.randn(1, 64, 16, 16)).shape
+        torch.Size([1, 128, 16, 16])
+    """
+
+    _dims = 2
+    _conv_type = nn.Conv2d
+    _name = "GhostConv2d"
+
+
+@register_kind
+class GhostConv1d(_GhostConvNd):
+    """Ghost module for ``nn.Conv1d`` (audio, time series): a primary ``nn.Conv1d`` makes ``m = ceil(out / ratio)``
+    intrinsic maps, a depthwise ``nn.Conv1d`` of size ``dw_size`` makes the ghosts, and ``out_channels`` of the
+    concatenation are kept (optionally reordered by ``output_index``).
+
+    From Han et al., CVPR 2020, whose cheap operation is a depthwise conv; here of the same dimension as the conv
+    it replaces. Arguments, rules and errors are :class:`GhostConv2d`'s, sides being ints or 1-tuples
+    (``norm_layer=nn.BatchNorm1d``).
+
+    Example::
+
+        >>> ghost = GhostConv1d(16, 32, 5, padding=2, ratio=2, dw_size=3)
+        >>> ghost(torch.randn(1, 16, 100)).shape
+        torch.Size([1, 32, 100])
+    """
+
+    _dims = 1
+    _conv_type = nn.Conv1d
+    _name = "GhostConv1d"
+
+
+@register_kind
+class GhostConv3d(_GhostConvNd):
+    """Ghost module for ``nn.Conv3d`` (video, volumes): a primary ``nn.Conv3d`` makes ``m = ceil(out / ratio)``
+    intrinsic maps, a depthwise ``dw_size x dw_size x dw_size`` ``nn.Conv3d`` makes the ghosts, and
+    ``out_channels`` of the concatenation are kept (optionally reordered by ``output_index``).
+
+    From Han et al., CVPR 2020, whose cheap operation is a depthwise conv; here of the same dimension as the conv
+    it replaces. Arguments, rules and errors are :class:`GhostConv2d`'s, sides being ints or 3-tuples
+    (``norm_layer=nn.BatchNorm3d``).
+
+    Example::
+
+        >>> ghost = GhostConv3d(8, 16, 3, padding=1, ratio=2, dw_size=3)
+        >>> ghost(torch.randn(1, 8, 4, 8, 8)).shape
+        torch.Size([1, 16, 4, 8, 8])
+    """
+
+    _dims = 3
+    _conv_type = nn.Conv3d
+    _name = "GhostConv3d"
 
 
 class GhostBottleneck(nn.Module):

@@ -35,9 +35,11 @@ __all__ = [
     "is_encoded_record",
     "upgrade_record",
     "registered_kinds",
+    "kind_class",
     "conv_config",
     "check_positive_ints",
     "check_conv_args",
+    "check_conv_sides",
     "ConvArgs",
     "MAX_SIZE",
     "PADDING_MODES",
@@ -126,6 +128,11 @@ def registered_kinds() -> tuple[str, ...]:
     return tuple(sorted(_KINDS))
 
 
+def kind_class(kind: Any) -> type[StructureRecordMixin] | None:
+    """The registered class of a record's ``kind`` (``None`` for a kind this library does not know)."""
+    return _KINDS.get(kind) if isinstance(kind, str) else None
+
+
 def check_positive_ints(owner: str, **values: Any) -> tuple[int, ...]:
     """Sizes of a module (channels, features, groups), each an int in ``1..MAX_SIZE`` (bools refused), as plain
     ``int`` (a record holds primitives only, so ``numpy.int64(4)`` is stored as ``4``), in the order given.
@@ -138,17 +145,45 @@ def check_positive_ints(owner: str, **values: Any) -> tuple[int, ...]:
 
 
 class ConvArgs(NamedTuple):
-    """``nn.Conv2d``'s constructor arguments, checked and normalized by :func:`check_conv_args`."""
+    """``nn.Conv2d``'s (``nn.Conv1d``'s, ``nn.Conv3d``'s) constructor arguments, checked and normalized by
+    :func:`check_conv_args`: sides are tuples of one entry per spatial dimension."""
 
     in_channels: int
     out_channels: int
-    kernel_size: tuple[int, int]
-    stride: tuple[int, int]
-    padding: str | tuple[int, int]
-    dilation: tuple[int, int]
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: str | tuple[int, ...]
+    dilation: tuple[int, ...]
     groups: int
     bias: bool
     padding_mode: str
+
+
+_SIDES = {1: "a tuple of 1 int", 3: "a tuple of 3 ints"}
+
+
+def check_conv_sides(name: str, value: Any, minimum: int, dims: int, owner: str) -> tuple[int, ...]:
+    """One int per spatial dimension from an int or a tuple of ``dims`` ints, each in ``minimum..MAX_SIZE``: for
+    ``dims=2`` exactly :func:`~lightning_cheapconv.validation.check_int_pair` (its messages).
+
+    Raises:
+        ValueError: naming ``owner``, ``name``, the value and the valid range.
+
+    Example::
+
+        >>> check_conv_sides("kernel_size", 3, 1, 3, "layer")
+        (3, 3, 3)
+    """
+    if dims == 2:
+        return check_int_pair(name, value, minimum, MAX_SIZE, owner=owner)
+    sides = (value,) * dims if is_int(value) else value
+    valid = isinstance(sides, (tuple, list)) and len(sides) == dims
+    if not (valid and all(is_int(v) and minimum <= v <= MAX_SIZE for v in sides)):
+        raise ValueError(
+            f"{owner}: {name}={short_repr(value)} is out of range; each side must be in {minimum}..{MAX_SIZE} "
+            f"(an int, or {_SIDES[dims]})"
+        )
+    return tuple(int(v) for v in sides)
 
 
 def check_conv_args(
@@ -162,21 +197,29 @@ def check_conv_args(
     groups: Any,
     bias: Any,
     padding_mode: Any,
+    dims: int = 2,
 ) -> ConvArgs:
     """Check ``nn.Conv2d``'s constructor arguments by the rules its forward relies on (``nn.Conv2d`` itself
-    accepts a stride of 0 or a negative padding and fails only when called).
+    accepts a stride of 0 or a negative padding and fails only when called); with ``dims=1`` or ``dims=3``,
+    ``nn.Conv1d``'s or ``nn.Conv3d``'s.
 
     Channels and groups are positive ints and ``groups`` divides both channel counts; kernel size, stride
-    and dilation are positive ints or pairs of them; padding is ``'same'`` (stride 1 only), ``'valid'``, or
-    a non-negative int or pair; ``bias`` is a bool; ``padding_mode`` one of :data:`PADDING_MODES`. Sizes are
-    at most :data:`MAX_SIZE`.
+    and dilation are positive ints or pairs of them (tuples of ``dims`` ints); padding is ``'same'`` (stride 1
+    only), ``'valid'``, or a non-negative int or pair (tuple); ``bias`` is a bool; ``padding_mode`` one of
+    :data:`PADDING_MODES`. Sizes are at most :data:`MAX_SIZE`.
 
     Returns:
         The arguments in ``nn.Conv2d``'s order, sizes as plain ints and pairs as tuples (a padding string stays
-        a string), so ``nn.Conv2d(*check_conv_args(...))`` builds the conv.
+        a string), so ``nn.Conv2d(*check_conv_args(...))`` builds the conv (``nn.Conv1d``/``nn.Conv3d`` with
+        ``dims``).
 
     Raises:
         ValueError: naming ``owner``, the argument, its value and the valid range.
+
+    Example::
+
+        >>> check_conv_args("layer", 4, 8, 3, 1, "same", 1, 1, True, "zeros", dims=3).kernel_size
+        (3, 3, 3)
     """
     in_channels, out_channels, groups = check_positive_ints(
         owner, in_channels=in_channels, out_channels=out_channels, groups=groups
@@ -186,22 +229,23 @@ def check_conv_args(
             f"{owner}: in_channels={in_channels} and out_channels={out_channels} "
             f"must both be divisible by groups={groups}"
         )
-    kernel = check_int_pair("kernel_size", kernel_size, 1, MAX_SIZE, owner=owner)
-    strides = check_int_pair("stride", stride, 1, MAX_SIZE, owner=owner)
-    dilations = check_int_pair("dilation", dilation, 1, MAX_SIZE, owner=owner)
+    kernel = check_conv_sides("kernel_size", kernel_size, 1, dims, owner)
+    strides = check_conv_sides("stride", stride, 1, dims, owner)
+    dilations = check_conv_sides("dilation", dilation, 1, dims, owner)
     if isinstance(padding, str):
-        pads: str | tuple[int, int] = check_choice("padding", padding, _PADDING_STRINGS, owner=owner)
-        if padding == "same" and strides != (1, 1):
-            raise ValueError(f"{owner}: padding='same' needs stride 1, as for nn.Conv2d")
+        pads: str | tuple[int, ...] = check_choice("padding", padding, _PADDING_STRINGS, owner=owner)
+        if padding == "same" and strides != (1,) * dims:
+            raise ValueError(f"{owner}: padding='same' needs stride 1, as for nn.Conv{dims}d")
     else:
-        pads = check_int_pair("padding", padding, 0, MAX_SIZE, owner=owner)
+        pads = check_conv_sides("padding", padding, 0, dims, owner)
     check_bool("bias", bias, owner=owner)
     check_choice("padding_mode", padding_mode, PADDING_MODES, owner=owner)
     return ConvArgs(in_channels, out_channels, kernel, strides, pads, dilations, groups, bias, padding_mode)
 
 
 def conv_config(conv: nn.Module) -> dict[str, Any]:
-    """The ``nn.Conv2d`` constructor arguments of a conv-like module (a conv, or a cheap layer that replaced one)."""
+    """The ``nn.Conv2d`` (``Conv1d``, ``Conv3d``) constructor arguments of a conv-like module (a conv, or a cheap
+    layer that replaced one)."""
     return {
         "in_channels": conv.in_channels,
         "out_channels": conv.out_channels,
