@@ -23,6 +23,7 @@ RUNS = {
     "ops": ("ops", []),
     "ops_channels_last": ("ops", ["--channels-last"]),
     "latency_compiled": ("latency", ["--compile", "--repeats", "15"]),
+    "runtimes": ("runtimes", []),
     "accuracy": ("accuracy", []),
     "overhead": ("overhead", []),
     "memory": ("memory", []),

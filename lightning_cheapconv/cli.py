@@ -4,7 +4,8 @@ Usage::
 
     cheapconv-optimize run.ckpt --input-shape 32,3,32,32                       # a Lightning ImageClassifier checkpoint
     cheapconv-optimize weights.pt --arch resnet56 --num-classes 10 --input-shape 1,3,32,32 --device cuda
-    cheapconv-optimize run.ckpt --input-shape 1,3,224,224 --dtype bfloat16 --channels-last --export onnx
+    cheapconv-optimize run.ckpt --input-shape 1,3,224,224 --dtype bfloat16 --channels-last --export torchscript
+    cheapconv-optimize run.ckpt --input-shape 8,3,224,224 --runtime onnxruntime --export onnx
 
 It loads the checkpoint of a converted model (any stage: the structure is rebuilt from the
 checkpoint's records with :func:`~lightning_cheapconv.restructure`), runs
@@ -13,8 +14,11 @@ prints the per-layer table, and writes the optimized state dict (``--output``, d
 ``CHECKPOINT.optimized.pt`` beside the input). It restructures into a fresh model of the same
 architecture: ``restructure(model, state); model.load_state_dict(state)`` (for a Lightning
 checkpoint the keys keep the ``backbone.`` prefix, so ``ImageClassifier(arch).load_state_dict(state)``
-works directly). Bad input (missing file, unparseable shape, a model without cheap layers, an
-input shape the model rejects) exits with status 2 and a one-line message.
+works directly). ``--runtime onnxruntime`` measures every form in ONNX Runtime instead of PyTorch
+(needs ``pip install 'lightning-cheapconv[export]'``); with ``--export onnx`` the ``.onnx`` file written
+is then the very graph that was timed (checked against PyTorch). Bad input (missing file,
+unparseable shape, a model without cheap layers, an input shape the model rejects, a runtime that
+is not installed or cannot be combined with ``--compile``) exits with status 2 and a one-line message.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .deploy.optimize import RUNTIMES
 
 __all__ = ["main", "parse_input_shape", "load_converted_model"]
 
@@ -166,6 +172,13 @@ def _parser() -> argparse.ArgumentParser:
         help="time the whole-model candidates under torch.compile (inductor, freezing), as you will run them",
     )
     parser.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="pytorch",
+        help="where to measure the forms: pytorch (default; eager, or compiled with --compile) or onnxruntime "
+        "(each form exported to ONNX and timed in an ONNX Runtime session)",
+    )
+    parser.add_argument(
         "--export",
         action="append",
         choices=sorted(_EXPORT_SUFFIX),
@@ -184,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         0
     """
     from .deploy import export_model, optimize_for_inference
+    from .deploy.onnx_runtime import check_onnx_file
 
     args = _parser().parse_args(argv)
     try:
@@ -219,8 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 min_time=args.min_time,
                 fold_bn=not args.no_fold_bn,
                 compile=args.compile,
+                runtime=args.runtime,
             )
-        except ValueError as err:
+        except (ValueError, ImportError) as err:
             raise UsageError(str(err)) from None
     except UsageError as err:
         print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
@@ -234,6 +249,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {output} (load: restructure(model, state); model.load_state_dict(state))")
     for fmt in args.export:
         target = output.with_name(output.name.removesuffix(".pt") + _EXPORT_SUFFIX[fmt])
+        if fmt == "onnx" and report.onnx_model is not None:
+            target.write_bytes(report.onnx_model)  # the graph that was timed in ONNX Runtime
+            check_onnx_file(target, report.model, example)
+            print(f"exported {fmt} to {target}: the graph timed in ONNX Runtime (outputs checked against PyTorch)")
+            continue
         export_model(report.model, example, target, format=fmt)
         print(f"exported {fmt} to {target} (outputs checked against PyTorch)")
     return 0

@@ -109,8 +109,9 @@ def test_optimized_model_matches_and_reports_every_cheap_layer(arch, shape, meth
     for row in report.layers:
         assert row.input_shape is not None and row.input_shape[0] == shape[0]
         if method == "structured":
-            assert set(row.times_ms) == {"decomposed", "dense"}
-            assert row.macs["dense"] > row.macs["decomposed"]
+            forms = set(deploy_optimize.layer_forms(model.get_submodule(row.name)))
+            assert set(row.times_ms) == forms and "dense" in forms and len(forms) >= 2
+            assert all(row.macs["dense"] > row.macs[form] for form in forms - {"dense"})
         else:
             assert "ghost" in row.times_ms
         assert row.chosen in row.times_ms
@@ -125,19 +126,22 @@ def test_choice_keeps_the_faster_form_per_layer_and_records_it(monkeypatch):
     model = converted("resnet20", "structured")
     x = torch.randn(2, 3, 32, 32)
     names = [n for n, m in model.named_modules() if isinstance(m, StructuredConv2d)]
-    fast_decomposed = set(names[::2])  # every other layer is faster decomposed
+    fast_decomposed = set(names[::2])  # every other layer is faster decomposed, in its last decomposed form
+    winner = [f for f in deploy_optimize.layer_forms(model.get_submodule(names[0])) if f != "dense"][-1]
     current: dict[str, str] = {}
 
     def pick(form: str) -> float:
-        if form in ("decomposed", "dense"):
-            return 1.0 if (form == "decomposed") == (current["layer"] in fast_decomposed) else 2.0
+        if form == "dense":
+            return 2.0 if current["layer"] in fast_decomposed else 1.0
+        if form.startswith("decomposed"):
+            return 1.0 if form == winner and current["layer"] in fast_decomposed else 3.0
         return {"optimized": 1.0, "as given": 3.0, "all dense": 2.0}[form]
 
     # Tell the fake timer which layer it is timing: _time_layers visits the layers in this order.
     order = iter(names)
 
     def timer(candidates, *args, **kwargs):
-        if "decomposed" in candidates:
+        if "dense" in candidates:
             current["layer"] = next(order)
         return FixedTimer(pick)(candidates)
 
@@ -147,11 +151,13 @@ def test_choice_keeps_the_faster_form_per_layer_and_records_it(monkeypatch):
 
     assert report.chosen_configuration == "optimized"
     chosen = {row.name: row.chosen for row in report.layers}
-    assert chosen == {n: "decomposed" if n in fast_decomposed else "dense" for n in names}
+    assert chosen == {n: winner if n in fast_decomposed else "dense" for n in names}
     for name in names:
         layer = report.model.get_submodule(name)
         if name in fast_decomposed:
             assert type(layer) is StructuredConv2d and layer.bias is not None  # BatchNorm folded into alpha
+            # The sum-pool form that won is set on the layer (so it is in its structure record).
+            assert winner == "decomposed" or winner == f"decomposed/{layer.structure_record()['pooling']}"
         else:
             assert type(layer) is FusedConv2d  # dense, with its BatchNorm folded
     assert not any(isinstance(m, nn.BatchNorm2d) for m in report.model.modules())
@@ -178,7 +184,7 @@ def test_falls_back_when_the_per_layer_choice_is_slower_as_a_whole(monkeypatch, 
     model = converted("resnet20", "structured")
     x = torch.randn(1, 3, 32, 32)
     whole = {"as given": 3.0, "optimized": 2.0, "all dense": 2.5, winner: 1.0}
-    timer = FixedTimer(lambda form: {"decomposed": 1.0, "dense": 2.0, **whole}[form])
+    timer = FixedTimer(lambda form: 1.0 if form.startswith("decomposed") else {"dense": 2.0, **whole}[form])
     monkeypatch.setattr(deploy_optimize, "time_interleaved", timer)
     report = optimize_for_inference(model, x, **FAST)
     assert report.chosen_configuration == winner
@@ -216,7 +222,9 @@ def test_report_table_and_dict():
     report = optimize_for_inference(model, torch.randn(1, 3, 32, 32), **FAST)
     table = report.table()
     headers = [c.header for c in table.columns]
-    assert headers[:5] == ["layer", "type", "input", "decomposed ms", "dense ms"]
+    forms = list(deploy_optimize.layer_forms(model.get_submodule(report.layers[0].name)))
+    assert headers[: 3 + len(forms)] == ["layer", "type", "input", *(f"{form} ms" for form in forms)]
+    assert forms[-1] == "dense" and all(form.startswith("decomposed") for form in forms[:-1])
     assert table.row_count == len(report.layers) + len(report.configurations)
     data = report.to_dict()
     assert data["chosen_configuration"] == report.chosen_configuration
@@ -275,7 +283,7 @@ def test_optimized_state_dict_restructures_into_fresh_models(monkeypatch, method
     flip = iter(range(10_000))
 
     def pick(form: str) -> float:
-        if form == "decomposed":
+        if form.startswith("decomposed"):
             return 1.0 if next(flip) % 2 else 3.0
         return {"dense": 2.0, "optimized": 0.5}.get(form, 1.0)
 
@@ -336,7 +344,9 @@ def test_fold_batchnorm_into_structured_conv_is_exact():
 
 
 @pytest.mark.parametrize("dw_size", [1, 3])
-def test_fold_batchnorm_into_ghost_only_where_exact(dw_size):
+def test_fold_batchnorm_into_ghost_is_exact(dw_size):
+    from lightning_cheapconv.nn import FusedGhostConv2d
+
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 12, 3, padding=1, bias=False)
     ghost, _ = deploy_ghost(conv, dw_size)
@@ -344,13 +354,11 @@ def test_fold_batchnorm_into_ghost_only_where_exact(dw_size):
     x = torch.randn(2, 8, 9, 9)
     expected = run(model, x)
     folds = fold_batchnorm(model, x)
-    assert len(folds) == 1
-    if dw_size == 1:
-        assert folds[0].applied and isinstance(model[1], FoldedBatchNorm)
+    assert len(folds) == 1 and folds[0].applied and isinstance(model[1], FoldedBatchNorm)
+    if dw_size == 1:  # a 1x1 depthwise conv reads no padding: the whole shift goes into the primary conv's bias
         assert type(model[0]) is GhostConv2d and model[0].primary.bias is not None
-    else:
-        assert not folds[0].applied and "not exact" in folds[0].detail
-        assert isinstance(model[1], nn.BatchNorm2d)
+    else:  # the intrinsic maps' shift is added after the depthwise conv has read them (tests/test_folding.py)
+        assert type(model[0]) is FusedGhostConv2d and "FusedGhostConv2d" in folds[0].detail
     assert relative_difference(run(model, x), expected) < 1e-5
 
 

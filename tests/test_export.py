@@ -38,6 +38,7 @@ from lightning_cheapconv.deploy import (
     relative_difference,
 )
 from lightning_cheapconv.models import CifarResNet
+from lightning_cheapconv.nn import FusedGhostConv2d
 from lightning_cheapconv.nn.record import (
     MAX_RECORD_BYTES,
     RECORD_PREFIX,
@@ -68,10 +69,14 @@ def optimized_resnet8(monkeypatch: pytest.MonkeyPatch) -> nn.Module:
             for fn in candidates.values():
                 fn()
         layer = "layer2" if timer.next_is_layer2 else "layer3"
-        picks = {"decomposed": 1.0 if layer == "layer2" else 2.0, "dense": 1.5, "optimized": 0.5}
-        if "decomposed" in candidates:
+        decomposed = 1.0 if layer == "layer2" else 2.0
+        picks = {"dense": 1.5, "optimized": 0.5}
+        if "dense" in candidates:  # a structured layer's forms: dense and decomposed/<pooling>
             timer.next_is_layer2 = False  # layer2 is visited first, then layer3
-        return {name: Latency((picks.get(name, 1.0),)) for name in candidates}
+        return {
+            name: Latency((decomposed if name.startswith("decomposed") else picks.get(name, 1.0),))
+            for name in candidates
+        }
 
     timer.next_is_layer2 = True
     monkeypatch.setattr(deploy_optimize, "time_interleaved", timer)
@@ -83,7 +88,9 @@ def optimized_resnet8(monkeypatch: pytest.MonkeyPatch) -> nn.Module:
 def test_the_optimized_model_holds_every_kind(monkeypatch):
     model = optimized_resnet8(monkeypatch)
     kinds = {type(m) for m in model.modules()}
-    assert {GhostConv2d, StructuredConv2d, FusedConv2d, FoldedBatchNorm, nn.BatchNorm2d} <= kinds
+    # Every BatchNorm folds: into dense and structured convs, and exactly into Ghost modules (FusedGhostConv2d).
+    assert {FusedGhostConv2d, StructuredConv2d, FusedConv2d, FoldedBatchNorm} <= kinds
+    assert nn.BatchNorm2d not in kinds
     ghosts = [m for m in model.modules() if isinstance(m, GhostConv2d)]
     assert {m.output_index is None for m in ghosts} == {True, False}  # one permutation folded, one kept
     assert type(model.layer2[0].conv1) is StructuredConv2d and type(model.layer3[0].conv1) is FusedConv2d

@@ -6,9 +6,12 @@ form of each layer is chosen by measurement, not by MACs. The submodules:
 
 - :mod:`~lightning_cheapconv.deploy.optimize`: :func:`optimize_for_inference` times, for every
   cheap layer (:data:`CHEAP_TYPES`) and with the input shape that layer really sees, the forms it
-  has (structured: decomposed or folded to dense; Ghost: as it is, its output permutation folded
-  where exact), keeps the fastest, folds BatchNorm, and returns whichever whole model was fastest
-  (as given, optimized, all dense, or the ``original`` dense model when you pass it);
+  has (structured: decomposed, in each sum-pool form, or folded to dense; Ghost: as it is, its
+  output permutation folded where exact), keeps the fastest, folds BatchNorm, and returns whichever
+  whole model was fastest (as given, optimized, all dense, or the ``original`` dense model when you
+  pass it), measured in PyTorch or, with ``runtime="onnxruntime"``, in ONNX Runtime (:data:`RUNTIMES`);
+- :mod:`~lightning_cheapconv.deploy.onnx_runtime`: :func:`onnx_session` and :func:`time_onnxruntime`,
+  models exported with the dynamo exporter and timed in ONNX Runtime;
 - :mod:`~lightning_cheapconv.deploy.report`: :class:`InferenceReport` and :class:`LayerForms`, what
   it measured and chose (rich table, dict);
 - :mod:`~lightning_cheapconv.deploy.folding`: :func:`fold_batchnorm` and
@@ -36,6 +39,8 @@ Example::
     >>> fresh = get_model("resnet56", num_classes=10)
     >>> state = torch.load("resnet56.optimized.pt")
     >>> _ = restructure(fresh, state); _ = fresh.load_state_dict(state)
+    >>> ort = optimize_for_inference(model, torch.randn(32, 3, 32, 32), runtime="onnxruntime")
+    >>> _ = Path("resnet56.onnx").write_bytes(ort.onnx_model)   # the graph timed in ONNX Runtime
 """
 
 from ..nn.fused import FoldedBatchNorm, FusedConv2d
@@ -44,7 +49,8 @@ from .compiled import compile_for_inference
 from .export import ExportFormat as ExportFormat  # not in __all__, importable from here as before
 from .export import ExportMismatchError, export_model
 from .folding import Fold, fold_batchnorm, fold_ghost_permutations
-from .optimize import CHEAP_TYPES, optimize_for_inference
+from .onnx_runtime import onnx_session, time_onnxruntime
+from .optimize import CHEAP_TYPES, RUNTIMES, optimize_for_inference
 from .report import InferenceReport, LayerForms
 from .timing import Latency, time_interleaved
 
@@ -55,13 +61,16 @@ __all__ = [
     "InferenceReport",
     "LayerForms",
     "Latency",
+    "RUNTIMES",
     "compile_for_inference",
     "FoldedBatchNorm",
     "FusedConv2d",
     "export_model",
     "fold_batchnorm",
     "fold_ghost_permutations",
+    "onnx_session",
     "optimize_for_inference",
     "relative_difference",
     "time_interleaved",
+    "time_onnxruntime",
 ]

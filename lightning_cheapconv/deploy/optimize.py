@@ -29,11 +29,68 @@ from ._utils import (
 )
 from .compiled import compile_for_inference
 from .folding import Fold, fold_batchnorm, fold_ghost_permutations
+from .onnx_runtime import onnx_providers, onnx_runner, require_onnxruntime
 from .report import InferenceReport, LayerForms
-from .timing import _capture_shapes, _random_input, _Seen, time_interleaved
+from .timing import Latency, _capture_shapes, _random_input, _Seen, time_interleaved
 
 CHEAP_TYPES: tuple[type[nn.Module], ...] = (GhostConv2d, StructuredConv2d, StructuredLinear)
 """The layer types whose forms :func:`optimize_for_inference` chooses between."""
+
+RUNTIMES: tuple[str, ...] = ("pytorch", "onnxruntime")
+"""Where :func:`optimize_for_inference` measures: PyTorch (eager, or compiled with ``compile=True``) or ONNX Runtime."""
+
+
+def pooling_forms() -> tuple[str, ...]:
+    """The concrete sum-pool forms a :class:`StructuredConv2d` can run (``POOLINGS`` of
+    :mod:`lightning_cheapconv.nn.structured` without ``"auto"``); empty where the module has one form only.
+
+    Example::
+
+        >>> pooling_forms()
+        ('adds', 'avg_pool', 'cumsum')
+    """
+    from ..nn import structured  # noqa: PLC0415 - read at call time: the set of forms lives there
+
+    if not hasattr(StructuredConv2d, "set_pooling"):
+        return ()
+    return tuple(p for p in getattr(structured, "POOLINGS", ()) if p != "auto")
+
+
+def layer_forms(module: nn.Module) -> dict[str, nn.Module]:
+    """The forms of one cheap layer that :func:`optimize_for_inference` times, by name.
+
+    A :class:`StructuredConv2d`: ``"decomposed/<pooling>"`` for each of :func:`pooling_forms` (a copy with that
+    sum-pool form; plain ``"decomposed"`` where there is one form only) and ``"dense"`` (``to_dense()``); a
+    :class:`StructuredLinear`: ``"decomposed"`` and ``"dense"``; a :class:`GhostConv2d`: ``"ghost"`` (as it is).
+
+    Example::
+
+        >>> list(layer_forms(StructuredConv2d(16, 16, 3, padding=1)))
+        ['decomposed/adds', 'decomposed/avg_pool', 'decomposed/cumsum', 'dense']
+    """
+    if isinstance(module, GhostConv2d):
+        return {"ghost": module}
+    forms: dict[str, nn.Module] = {}
+    poolings = pooling_forms() if isinstance(module, StructuredConv2d) else ()
+    for pooling in poolings:
+        form = copy.deepcopy(module)
+        form.set_pooling(pooling)
+        forms[f"decomposed/{pooling}"] = form
+    if not poolings:
+        forms["decomposed"] = module
+    forms["dense"] = _dense(module)
+    return forms
+
+
+def _as_given_form(module: nn.Module, runtime: str) -> str:
+    """The form name of a structured layer as it is: its pooling where it has one; in PyTorch the form its
+    ``"auto"`` runs (in ONNX Runtime that is decided at export, so ``"decomposed/auto"`` is all that is known)."""
+    pooling = getattr(module, "pooling", None)
+    if not isinstance(module, StructuredConv2d) or pooling is None:
+        return "decomposed"
+    if runtime == "pytorch" and hasattr(module, "active_pooling"):
+        pooling = module.active_pooling()
+    return f"decomposed/{pooling}"
 
 
 def _form_key(module: nn.Module, seen: _Seen, device: torch.device) -> tuple:
@@ -51,6 +108,36 @@ def _macs(module: nn.Module, x: Tensor) -> int:
     return counter.get_total_flops() // 2
 
 
+def _time(
+    models: Mapping[str, nn.Module],
+    x: Tensor,
+    runtime: str,
+    compile: bool,
+    repeats: int,
+    min_time: float,
+    warmup: int,
+    device: torch.device,
+    what: str,
+) -> tuple[dict[str, Latency], dict[str, bytes]]:
+    """Time ``models`` on ``x`` against each other in ``runtime`` (interleaved, :func:`time_interleaved`); the ONNX
+    graphs timed (``runtime="onnxruntime"``) by name."""
+    graphs: dict[str, bytes] = {}
+    if runtime == "onnxruntime":
+        runners: dict[str, Callable[[], Any]] = {}
+        for name, m in models.items():
+            try:
+                runners[name] = onnx_runner(m, x, device)
+            except RuntimeError as err:
+                raise RuntimeError(f"optimize_for_inference(runtime='onnxruntime'), {what} {name!r}: {err}") from err
+            graphs[name] = runners[name].graph  # type: ignore[attr-defined]
+    elif compile:
+        compiled = {name: _compiled(m, x, name) for name, m in models.items()}
+        runners = {name: (lambda r=r: r(x)) for name, r in compiled.items()}
+    else:
+        runners = {name: (lambda m=m: m(x)) for name, m in models.items()}
+    return time_interleaved(runners, repeats, min_time, warmup, device), graphs
+
+
 def _time_layers(
     model: nn.Module,
     shapes: Mapping[str, _Seen],
@@ -59,8 +146,10 @@ def _time_layers(
     repeats: int,
     min_time: float,
     warmup: int,
+    runtime: str = "pytorch",
 ) -> list[LayerForms]:
-    """Time the forms of every cheap layer; layers of equal configuration and input share one measurement."""
+    """Time the forms of every cheap layer (:func:`layer_forms`; eager PyTorch or ONNX Runtime); layers of equal
+    configuration and input share one measurement."""
     cache: dict[tuple, tuple[dict[str, float], dict[str, int]]] = {}
     rows: list[LayerForms] = []
     for name, module in _unique_modules(model, CHEAP_TYPES).items():
@@ -68,21 +157,16 @@ def _time_layers(
         row = LayerForms(name, type(module).__name__, None if seen is None else seen.shape)
         rows.append(row)
         if seen is None:
-            row.chosen = "ghost" if isinstance(module, GhostConv2d) else "decomposed"
+            row.chosen = "ghost" if isinstance(module, GhostConv2d) else _as_given_form(module, runtime)
             row.note = "not called by the example input; kept as is"
             continue
-        if isinstance(module, GhostConv2d):
-            forms: dict[str, nn.Module] = {"ghost": module}
-            if name in permuted:
-                forms["ghost+permutation"] = permuted[name]
-        else:
-            forms = {"decomposed": module, "dense": _dense(module)}
         key = (_form_key(module, seen, device), _form_key(permuted[name], seen, device) if name in permuted else None)
         if key not in cache:
+            forms = layer_forms(module)
+            if name in permuted:
+                forms["ghost+permutation"] = permuted[name]
             x = _random_input(seen, device)
-            latency = time_interleaved(
-                {form: (lambda m=m, x=x: m(x)) for form, m in forms.items()}, repeats, min_time, warmup, device
-            )
+            latency, _ = _time(forms, x, runtime, False, repeats, min_time, warmup, device, f"layer {name!r}, form")
             cache[key] = (
                 {form: lat.median_ms for form, lat in latency.items()},
                 {form: _macs(m, x) for form, m in forms.items()},
@@ -91,16 +175,20 @@ def _time_layers(
         if isinstance(module, GhostConv2d):
             row.chosen = "ghost"
         else:
-            row.chosen = min(("decomposed", "dense"), key=lambda form: row.times_ms[form])
+            row.chosen = min(row.times_ms, key=row.times_ms.__getitem__)
     return rows
 
 
-def _apply_forms(model: nn.Module, choose_dense: Callable[[str], bool]) -> None:
-    replacements = {
-        name: _dense(module)
-        for name, module in _unique_modules(model, (StructuredConv2d, StructuredLinear)).items()
-        if choose_dense(name)
-    }
+def _apply_forms(model: nn.Module, choose: Callable[[str], str | None]) -> None:
+    """Put every structured layer in the form ``choose(name)`` names (``"dense"``, ``"decomposed/<pooling>"``;
+    ``None`` or ``"decomposed"``: as it is)."""
+    replacements = {}
+    for name, module in _unique_modules(model, (StructuredConv2d, StructuredLinear)).items():
+        form = choose(name)
+        if form == "dense":
+            replacements[name] = _dense(module)
+        elif form is not None and form.startswith("decomposed/"):
+            module.set_pooling(form.removeprefix("decomposed/"))
     if replacements:
         replace_modules(model, replacements)
 
@@ -113,7 +201,7 @@ def _cheap_form_won(rows: list[LayerForms], chosen: str, configurations: Mapping
     ghosts = [r for r in rows if r.kind == "GhostConv2d"]
     if structured:
         # As given, every structured layer is decomposed, and that beat the dense alternatives as a whole.
-        if chosen == "as given" or any(r.chosen == "decomposed" and r.cheap_faster for r in structured):
+        if chosen == "as given" or any(r.chosen.startswith("decomposed") and r.cheap_faster for r in structured):
             return True
     if ghosts:
         return True if "original" in configurations else None
@@ -126,7 +214,8 @@ def _summary(report: InferenceReport, n_folded_bn: int, n_perm: int) -> str:
     decomposed_faster = [r for r in structured if r.cheap_faster]
     chosen = report.chosen_configuration
     parts = [
-        f"On {report.device}, input {_shape_text(report.input_shape)}: {report.latency_before_ms:.3f} ms as given → "
+        f"On {report.device} in {report.runtime_label}, input {_shape_text(report.input_shape)}: "
+        f"{report.latency_before_ms:.3f} ms as given → "
         f"{report.latency_after_ms:.3f} ms ({report.speedup:.2f}× faster; kept '{chosen}')."
     ]
     if report.compiled:
@@ -175,6 +264,7 @@ def optimize_for_inference(
     fold_bn: bool = True,
     original: nn.Module | None = None,
     compile: bool = False,
+    runtime: str = "pytorch",
 ) -> InferenceReport:
     """Choose the fastest form of every cheap layer by measurement, fold BatchNorm, and return a report.
 
@@ -185,9 +275,11 @@ def optimize_for_inference(
 
     1. Ghost modules: an identity output permutation is dropped, others are folded into the
        following BatchNorm/activation/conv where exact (:func:`fold_ghost_permutations`).
-    2. Every structured layer is timed decomposed and folded to dense (``to_dense()``) on a random
+    2. Every structured layer is timed in each of its forms (:func:`layer_forms`: decomposed, with each
+       sum-pool form where it has several, and folded to dense with ``to_dense()``) on a random
        input of its shape (layers of equal configuration share a measurement; forms interleaved,
-       median of ``repeats``); the faster form is kept. Ghost modules are timed as they are.
+       median of ``repeats``); the fastest form is kept (a sum-pool form is set on the layer, so it is
+       in its structure record). Ghost modules are timed as they are.
     3. BatchNorm is folded into the layer before it where exact (:func:`fold_batchnorm`), unless
        ``fold_bn=False``.
     4. The whole model is timed, interleaved, as given, optimized, with every structured layer
@@ -201,6 +293,15 @@ def optimize_for_inference(
        latency. The per-layer times of step 2 stay eager. Compiling takes seconds to a minute per
        configuration, and on a CPU needs a C++ compiler.
 
+    ``runtime="onnxruntime"`` measures steps 2 and 4 in ONNX Runtime instead: every per-layer form and
+    every whole-model candidate is exported with ``torch.onnx.export(dynamo=True)`` (in memory, static
+    shapes), its outputs checked against eager, and timed in an ``InferenceSession`` (all graph
+    optimizations, ``torch.get_num_threads()`` intra-op threads; the CUDA provider for a CUDA ``device``
+    where ``onnxruntime-gpu`` has it, else CPU). The returned model then runs at least as fast in ONNX
+    Runtime as every other candidate (``original`` with BatchNorm folded included); export it with
+    ``export_model(report.model, x, "model.onnx")``, or write ``report.onnx_model``, the graph that was timed.
+    Needs ``pip install 'lightning-cheapconv[export]'``; not with ``compile=True``.
+
     The optimized model must match the model as given (relative difference 1e-4 in float32),
     else a ``RuntimeError`` names the difference. Its choices live in the modules' structure
     records: ``restructure`` + ``load_state_dict`` of ``report.model.state_dict()`` rebuild it in a
@@ -208,7 +309,9 @@ def optimize_for_inference(
     ``min_time`` for decisions that matter.
 
     Raises:
-        ValueError: the model has no cheap layers, or ``example_input`` does not fit it.
+        ValueError: the model has no cheap layers, ``example_input`` does not fit it, ``runtime`` is not one of
+            :data:`RUNTIMES`, or ``compile=True`` with ``runtime="onnxruntime"``.
+        ImportError: ``runtime="onnxruntime"`` without onnx, onnxscript or onnxruntime installed.
 
     Example::
 
@@ -217,6 +320,8 @@ def optimize_for_inference(
         >>> report.print(); report.latency_after_ms <= report.latency_before_ms
         >>> x = torch.randn(32, 3, 32, 32)
         >>> runner = compile_for_inference(optimize_for_inference(model, x, compile=True).model, x)
+        >>> report = optimize_for_inference(model, x, runtime="onnxruntime", original=get_model("resnet56", 10))
+        >>> Path("resnet56.onnx").write_bytes(report.onnx_model)     # what was timed in ONNX Runtime
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize_for_inference expects an nn.Module, got {type(model).__name__}")
@@ -227,6 +332,22 @@ def optimize_for_inference(
         )
     if repeats < 1:
         raise ValueError(f"optimize_for_inference: repeats must be >= 1, got {repeats}")
+    if runtime not in RUNTIMES:
+        raise ValueError(
+            f"optimize_for_inference: runtime={runtime!r}; valid runtimes are {', '.join(map(repr, RUNTIMES))}"
+        )
+    if runtime == "onnxruntime":
+        if compile:
+            raise ValueError(
+                "optimize_for_inference: compile=True times torch.compile and runtime='onnxruntime' times ONNX "
+                "Runtime; pass one of them"
+            )
+        require_onnxruntime("optimize_for_inference(runtime='onnxruntime')")
+        if example_input.dtype == torch.bfloat16:
+            raise ValueError(
+                "optimize_for_inference(runtime='onnxruntime'): example_input is bfloat16, which the ONNX Runtime "
+                "Python API cannot take (numpy has no bfloat16); use float32 or float16"
+            )
     if not _unique_modules(model, CHEAP_TYPES):
         raise ValueError(
             "optimize_for_inference: the model has no cheap layers (GhostConv2d, StructuredConv2d, "
@@ -256,7 +377,7 @@ def optimize_for_inference(
     permuted = {f.source: before_perm[f.source] for f in folds if f.applied and f.source in before_perm}
 
     # 3. Per-layer forms.
-    rows = _time_layers(base, shapes, permuted, target, repeats, min_time, warmup)
+    rows = _time_layers(base, shapes, permuted, target, repeats, min_time, warmup, runtime)
     by_name = {row.name: row for row in rows}
     for fold in folds:
         row = by_name.get(fold.source)
@@ -266,15 +387,16 @@ def optimize_for_inference(
             _add_note(row, f"permutation folded into {fold.target}" if fold.kind == "permutation" else fold.detail)
         else:
             _add_note(row, f"permutation kept ({fold.detail})")
-    dense_choice = {r.name for r in rows if r.chosen == "dense"}
+    choice = {r.name: r.chosen for r in rows if r.input_shape is not None}
+    dense_choice = {name for name, form in choice.items() if form == "dense"}
 
-    def build(choose_dense: Callable[[str], bool]) -> tuple[nn.Module, list[Fold]]:
+    def build(choose: Callable[[str], str | None]) -> tuple[nn.Module, list[Fold]]:
         candidate = copy.deepcopy(base)
-        _apply_forms(candidate, choose_dense)
+        _apply_forms(candidate, choose)
         bn_folds = fold_batchnorm(candidate, x) if fold_bn else []
         return candidate.eval(), bn_folds
 
-    optimized, bn_folds = build(lambda name: name in dense_choice)
+    optimized, bn_folds = build(choice.get)
     for fold in bn_folds:
         row = by_name.get(fold.source)
         if row is not None:
@@ -293,15 +415,22 @@ def optimize_for_inference(
     }
     structured_names = [r.name for r in rows if r.kind in ("StructuredConv2d", "StructuredLinear")]
     if structured_names and any(name not in dense_choice for name in structured_names):
-        all_dense, dense_folds = build(lambda name: True)
+        all_dense, dense_folds = build(lambda name: "dense")
         configurations["all dense"] = (all_dense, [*folds, *dense_folds])
     if original is not None:
         reference_model = copy.deepcopy(original).to(target).eval()
         _forward(reference_model, x, "optimize_for_inference (original)")
         configurations["original"] = (reference_model, fold_batchnorm(reference_model, x) if fold_bn else [])
-    runners = {name: _compiled(m, x, name) if compile else m for name, (m, _) in configurations.items()}
-    latency = time_interleaved(
-        {name: (lambda r=r: r(x)) for name, r in runners.items()}, repeats, min_time, warmup, target
+    latency, graphs = _time(
+        {name: m for name, (m, _) in configurations.items()},
+        x,
+        runtime,
+        compile,
+        repeats,
+        min_time,
+        warmup,
+        target,
+        "the whole model",
     )
     medians = {name: lat.median_ms for name, lat in latency.items()}
     chosen = min(medians, key=medians.__getitem__)
@@ -317,7 +446,7 @@ def optimize_for_inference(
                 if row.name in permuted
                 else row.chosen
                 if row.kind == "GhostConv2d"
-                else "decomposed"
+                else _as_given_form(given.get_submodule(row.name), runtime)
             )
         elif chosen == "original":
             row.chosen = "original"
@@ -347,6 +476,9 @@ def optimize_for_inference(
         spreads={name: lat.spread for name, lat in latency.items()},
         configuration_macs=macs,
         compiled=compile,
+        runtime=runtime,
+        runtime_detail=_runtime_detail(runtime, target),
+        onnx_model=graphs.get(chosen),
     )
     report.cheap_form_won = _cheap_form_won(rows, chosen, medians)
     n_bn = sum(f.applied and f.kind == "batchnorm" for f in final_folds)
@@ -363,6 +495,14 @@ def _compiled(model: nn.Module, x: Tensor, name: str) -> Callable[..., Any]:
             f"optimize_for_inference(compile=True), the {name!r} model: {err}. Run without compile=True to time the "
             f"eager models."
         ) from err
+
+
+def _runtime_detail(runtime: str, device: torch.device) -> str:
+    if runtime != "onnxruntime":
+        return ""
+    provider = onnx_providers(device)[0]
+    provider = provider[0] if isinstance(provider, tuple) else provider
+    return f"{provider}, {torch.get_num_threads()} intra-op threads"
 
 
 def _add_note(row: LayerForms, text: str) -> None:

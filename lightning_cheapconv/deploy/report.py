@@ -18,15 +18,20 @@ from .folding import Fold
 
 _LOG_WIDTH = 150
 _DASH = "—"
+_ORT_NOTE = (
+    "Every layer form and whole model was exported with torch.onnx.export(dynamo=True) and timed in an ONNX Runtime "
+    "session (all graph optimizations). "
+)
 
 
 @dataclass
 class LayerForms:
     """One cheap layer: the forms timed (median ms each) and their MACs, and the form kept.
 
-    Forms: ``"decomposed"`` (a structured layer as converted), ``"dense"`` (folded with
-    ``to_dense()``), ``"ghost"`` (a Ghost module as deployed) and ``"ghost+permutation"`` (the Ghost
-    module before its output permutation was folded away).
+    Forms (see :func:`~lightning_cheapconv.deploy.optimize.layer_forms`): ``"decomposed"`` (a structured layer
+    as converted; ``"decomposed/<pooling>"`` with that sum-pool form where the layer has several),
+    ``"dense"`` (folded with ``to_dense()``), ``"ghost"`` (a Ghost module as deployed) and
+    ``"ghost+permutation"`` (the Ghost module before its output permutation was folded away).
 
     Example::
 
@@ -68,7 +73,10 @@ class InferenceReport:
     each other (``"as given"``, ``"optimized"``, and where they exist ``"all dense"`` and
     ``"original"``); ``chosen_configuration`` is the one returned. ``latency_before_ms`` is the
     model as given, ``latency_after_ms`` the returned model; with ``compiled`` these whole-model
-    latencies were measured under ``torch.compile`` (the per-layer times are always eager).
+    latencies were measured under ``torch.compile`` (the per-layer times are eager). ``runtime`` says
+    where everything was measured: ``"pytorch"`` or ``"onnxruntime"`` (then ``runtime_detail`` names the
+    execution provider and threads, and ``onnx_model`` is the serialized ONNX graph of the returned
+    model that was timed: ``Path("model.onnx").write_bytes(report.onnx_model)``).
 
     Example::
 
@@ -95,6 +103,17 @@ class InferenceReport:
     cheap_form_won: bool | None = None
     configuration_macs: dict[str, int] = field(default_factory=dict)
     compiled: bool = False
+    runtime: str = "pytorch"
+    runtime_detail: str = ""
+    onnx_model: bytes | None = field(default=None, repr=False)
+
+    @property
+    def runtime_label(self) -> str:
+        """Where the latencies were measured, in words (e.g. ``"ONNX Runtime (CPUExecutionProvider, 2 intra-op
+        threads)"``, ``"PyTorch eager"``)."""
+        if self.runtime == "onnxruntime":
+            return f"ONNX Runtime ({self.runtime_detail})" if self.runtime_detail else "ONNX Runtime"
+        return "PyTorch (whole models compiled)" if self.compiled else "PyTorch eager"
 
     @property
     def speedup(self) -> float:
@@ -109,22 +128,23 @@ class InferenceReport:
 
             >>> rich.get_console().print(report.table())
         """
-        forms = [
-            f
-            for f in ("decomposed", "dense", "ghost", "ghost+permutation")
-            if any(f in r.times_ms for r in self.layers)
-        ]
+        forms = list(dict.fromkeys(f for r in self.layers for f in r.times_ms))  # in the order they were timed
         caption = (
-            f"Median of {self.repeats} interleaved samples per form, on {self.device}, input "
+            f"Median of {self.repeats} interleaved samples per form, on {self.device} in {self.runtime_label}, input "
             f"{_shape_text(self.input_shape)}; layers of equal configuration and input share one measurement. "
             f"{'Whole models timed under torch.compile (inductor, freezing), layers eager. ' if self.compiled else ''}"
+            f"{_ORT_NOTE if self.runtime == 'onnxruntime' else ''}"
             f"MACs = FLOPs / 2 from FlopCounterMode (bias, BatchNorm and the structured sum-pool's additions not "
             f"counted); MACs ratio = dense / kept (2.00× = half). Whole model: "
             f"{self.latency_before_ms:.3f} ms as given → {self.latency_after_ms:.3f} ms "
             f"({self.chosen_configuration}), {self.speedup:.2f}× faster; outputs differ by "
             f"{self.max_rel_diff:.1e} (relative)."
         )
-        table = Table(title=f"Inference forms on {self.device}", caption=caption, caption_justify="left")
+        table = Table(
+            title=f"Inference forms on {self.device}, measured in {self.runtime_label}",
+            caption=caption,
+            caption_justify="left",
+        )
         table.add_column("layer", overflow="fold")
         table.add_column("type")
         table.add_column("input", justify="right")
@@ -203,6 +223,8 @@ class InferenceReport:
             "configurations": dict(self.configurations),
             "chosen_configuration": self.chosen_configuration,
             "compiled": self.compiled,
+            "runtime": self.runtime,
+            "runtime_detail": self.runtime_detail,
             "macs_before": self.macs_before,
             "macs_after": self.macs_after,
             "max_rel_diff": self.max_rel_diff,
