@@ -19,14 +19,16 @@ from .common import RESULTS, machine
 # Section name -> (module, arguments), in the order of BENCHMARKS.md.
 RUNS = {
     "counts": ("counts", []),
-    "latency": ("latency", []),
+    "runtimes": ("runtimes", ["--runtimes", "onnxruntime", "eager"]),
     "ops": ("ops", []),
     "ops_channels_last": ("ops", ["--channels-last"]),
+    "pooling": ("pooling", []),
+    "folding": ("folding", []),
     "latency_compiled": ("latency", ["--compile", "--repeats", "15"]),
-    "runtimes": ("runtimes", []),
     "accuracy": ("accuracy", []),
     "overhead": ("overhead", []),
     "memory": ("memory", []),
+    "budget": ("budget", []),
 }
 OUTPUT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 HEADER = """\

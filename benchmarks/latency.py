@@ -1,5 +1,9 @@
 """Whole-model latency: original, converted (Ghost, structured) and optimized, on this machine.
 
+BENCHMARKS.md takes table 2c (``--compile``) from it; the CPU eager and ONNX Runtime tables come from
+``benchmarks/runtimes.py``. Without ``--compile`` it adds CUDA tables (fp32, bf16 channels_last) where a GPU
+is visible. Speed-ups are against the original with BatchNorm folded.
+
 Run ``python -m benchmarks.latency`` (``--quick`` for a CPU run of a few minutes on 2 cores: fewer
 repetitions, and batch 8 instead of 32 for the 224x224 models). It answers "MACs went down, did
 latency?" for CIFAR ResNet-56 (32x32) and torchvision ResNet-18, ResNet-50 and MobileNetV2
@@ -174,7 +178,7 @@ def measure(
                 "form": name + (f" (kept: {kept[name]})" if name in kept else ""),
                 "ms": lat.median_ms,
                 "spread": lat.spread,
-                "speedup": latency["original"].median_ms / lat.median_ms,
+                "speedup": latency["original, BN folded"].median_ms / lat.median_ms,
                 "mac_ratio": form_macs["original"] / form_macs[name],
             }
         )
@@ -183,7 +187,7 @@ def measure(
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| model | batch | form | ms | IQR | speed-up vs original | MAC ratio |",
+        "| model | batch | form | ms | IQR | speed-up vs original, BN folded | MAC ratio |",
         "|---|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -247,7 +251,8 @@ def main(argv: list[str] | None = None) -> Section:
 
     parts = [
         f"Median of {repeats} interleaved round-robin samples per form after warm-up (inference_mode). Speed-up = "
-        "original / form; MAC ratio = original / form (FLOPs / 2, FlopCounterMode) = the compute-bound limit. "
+        "original with BatchNorm folded (as any deployment runs it) / form; the unfolded original is a row of its "
+        "own; MAC ratio = original / form (FLOPs / 2, FlopCounterMode) = the compute-bound limit. "
         "IQR = interquartile range / median (noise). 'kept' = the configuration optimize_for_inference returned "
         "('optimized': per-layer choice; 'all dense': every structured layer folded; 'original': the dense model; "
         "'as given': unchanged). Much of the optimized forms' gain is BatchNorm folding: compare them with "
