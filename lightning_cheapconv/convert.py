@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
 from .calls import ModelCall, as_calls
+from .heads import find_prediction_layers
 from .inherit import check_ghost_sizes, fit_ghost_from_activations, fit_ghost_from_kernels
 from .nn import GhostConv2d, StructuredConv2d, StructuredLinear
 from .reuse import evaluating, find_weight_reuse, module_names, run_example
@@ -51,6 +55,8 @@ __all__ = [
 ]
 
 Method = Literal["ghost", "structured"]
+PREDICTION_KEPT = "prediction layer, kept"  # the plan's reason for a prediction layer
+PREDICTIONS_UNKNOWN = "prediction layers not found"  # in the reason of a last layer kept instead
 Patterns = str | Sequence[str] | None
 
 
@@ -209,13 +215,24 @@ def select_layers(
     kernel_reduction: int | None = 1,
     kernel_size: int | tuple[int, int] | None = None,
     example_input: Tensor | ModelCall | None = None,
+    skip_prediction: bool | None = None,
 ) -> list[LayerPlan]:
     """Plan which layers of ``model`` a method converts, and why each other candidate is skipped.
 
     Candidates are ``nn.Conv2d`` layers (and ``nn.Linear`` with ``linear=True``, structured only)
-    in registration order. Defaults follow the papers: the first conv (the stem) and the last
-    layer (the classifier) are kept (``skip_first``/``skip_last``); Ghost skips depthwise and
-    grouped convs; structured skips 1x1 convs unless ``channel_ratio < 1``. ``include``/``exclude``
+    in registration order. Defaults follow the papers: the first conv (the stem) and the prediction
+    layers are kept; Ghost skips depthwise and grouped convs; structured skips 1x1 convs unless
+    ``channel_ratio < 1``.
+
+    Prediction layers are every conv/linear layer whose output no other conv/linear layer reads (a
+    classifier's last layer; each head's output convs in a detector or segmenter, e.g. Faster R-CNN's
+    ``rpn.head.cls_logits`` and ``rpn.head.bbox_pred``): found from the data flow by
+    :func:`~lightning_cheapconv.heads.find_prediction_layers`, on ``example_input`` when given, else in a
+    ``torch.fx`` trace; kept with the reason "prediction layer, kept". ``skip_prediction`` (default
+    ``None``: the value of ``skip_last``) switches that rule; ``skip_last`` keeps the last registered
+    layer instead where prediction layers cannot be found (no example and no trace; the reason says so)
+    or where ``skip_prediction=False``. So ``skip_last=False`` converts a simple classifier's last layer
+    as before, and ``skip_prediction=False`` restores the last-layer-only rule. ``include``/``exclude``
     are glob patterns on qualified names (``"layer1.*"``, ``"*.conv2"``); a shared module matches
     through any of its names and is planned once. A layer whose parameters are used outside it
     (a tied decoder reading ``enc.weight``) is skipped with the reason "weight used outside the
@@ -232,6 +249,7 @@ def select_layers(
     exclude_p = check_patterns("exclude", exclude, owner=owner)
     for flag, value in (("skip_first", skip_first), ("skip_last", skip_last), ("linear", linear)):
         check_bool(flag, value, owner=owner)
+    _check_optional_flags(owner, skip_prediction=skip_prediction)
     ratio, dw_size = check_ghost_sizes(ratio, dw_size, owner)
     check_structure_ratios(channel_ratio, kernel_reduction, kernel_size, owner)
     if linear and method == "ghost":
@@ -255,6 +273,16 @@ def select_layers(
             layers.append((name, module))
     first_conv = next((n for n, m in layers if isinstance(m, nn.Conv2d)), None)
     last_layer = layers[-1][0] if layers else None
+    keep_predictions = skip_last if skip_prediction is None else skip_prediction
+    predictions = _prediction_layers(model, example_input) if keep_predictions and layers else None
+    last_reason = "last layer (classifier) is kept, as in the papers"
+    if keep_predictions and predictions is None:
+        why = (
+            "no example input (a LightningModule's example_input_array) and the model does not trace with torch.fx"
+            if example_input is None
+            else "the example's forward pass runs partly without autograd and the model does not trace with torch.fx"
+        )
+        last_reason += f" ({PREDICTIONS_UNKNOWN}: {why})"
     plan: list[LayerPlan] = [
         LayerPlan(n, type(m).__name__, "skip", f"already a {type(m).__name__}", tuple(names[id(m)]), -1)
         for n, m in cheap
@@ -281,8 +309,11 @@ def select_layers(
         if skip_first and name == first_conv:
             skip("first conv (stem) is kept, as in the papers")
             continue
-        if skip_last and name == last_layer:
-            skip("last layer (classifier) is kept, as in the papers")
+        if predictions is not None and name in predictions:
+            skip(PREDICTION_KEPT)
+            continue
+        if skip_last and predictions is None and name == last_layer:
+            skip(last_reason)
             continue
         if method == "ghost":
             reason = _ghost_skip_reason(module, ratio, dw_size)
@@ -300,6 +331,15 @@ def select_layers(
         if entry.name in reused:
             entry.action, entry.reason = "skip", reused[entry.name]
     return plan
+
+
+def _prediction_layers(model: nn.Module, example_input: Tensor | ModelCall | None) -> set[str] | None:
+    """Every qualified name of every prediction layer, or ``None`` when the data flow is unknown."""
+    found = find_prediction_layers(model, example_input)
+    if found is None:
+        return None
+    names = module_names(model)
+    return {alias for name in found for alias in names[id(model.get_submodule(name))]}
 
 
 def replace_modules(model: nn.Module, replacements: dict[str, nn.Module]) -> None:
@@ -557,6 +597,58 @@ def _recalibrate(model: nn.Module, inputs: Tensor | Sequence[ModelCall], batch_s
     return len(norms)
 
 
+_PROGRESS_DELAY = 1.0  # seconds a conversion runs before its progress bar appears
+_clock = time.perf_counter  # tests stub it
+
+
+def _progress_console() -> Console:
+    return Console(stderr=True)
+
+
+class _LayerProgress:
+    """A transient progress bar on stderr naming the layer being converted.
+
+    It appears once the conversion has run for ``_PROGRESS_DELAY`` seconds, on a terminal only (logs and pipes get
+    nothing), and never for a model attached to a Lightning Trainer: inside a fit, Lightning's own progress bar owns
+    the screen. ``show`` (the conversion functions' ``progress``): ``None`` decides so, ``False`` never shows it,
+    ``True`` shows it on any terminal, attached or not.
+    """
+
+    def __init__(self, model: nn.Module, total: int, label: str, show: bool | None) -> None:
+        self.total, self.label, self.done = total, label, 0
+        self.start = _clock()
+        self.bar: Progress | None = None
+        self.task = None
+        attached = vars(model).get("_trainer") is not None
+        self.console = _progress_console() if show or (show is None and not attached) else None
+        if self.console is not None and not self.console.is_terminal:
+            self.console = None
+
+    def __enter__(self) -> _LayerProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def layer(self, name: str) -> None:
+        """Layer ``name`` is converted next (the ones before it are done)."""
+        if self.console is not None and self.bar is None and _clock() - self.start >= _PROGRESS_DELAY:
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=True,
+            )
+            self.task = self.bar.add_task(self.label, total=self.total)
+            self.bar.start()
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done, description=f"{self.label}: {name}", refresh=True)
+        self.done += 1
+
+
 def _convert(
     model: nn.Module,
     method: str,
@@ -564,34 +656,37 @@ def _convert(
     build: Callable[[str, nn.Module], tuple[nn.Module, float | None, str]],
     recalibration: Tensor | None,
     owner: str,
+    progress: bool | None = None,
 ) -> ConversionResult:
     """Build every replacement, then swap them in, then re-estimate the BatchNorm statistics on ``recalibration``
-    (when given); if that fails, the old layers are swapped back, so the model is left as it was on every error."""
+    (when given); if that fails, the old layers are swapped back, so the model is left as it was on every error.
+    A progress bar names the layer being built when that takes a while (:class:`_LayerProgress`)."""
     params_before = _own_params(model)
     result = ConversionResult(method=method, plan=plan)
     new_modules: dict[str, nn.Module] = {}
     old_modules: dict[str, nn.Module] = {}
-    for entry in plan:
-        if entry.action != "convert":
-            continue
-        old = old_modules[entry.name] = model.get_submodule(entry.name)
-        new, error, detail = build(entry.name, old)
-        new.train(old.training)
-        new_modules[entry.name] = new
-        result.changes.append(
-            LayerChange(
-                name=entry.name,
-                old_type=type(old).__name__,
-                new_type=type(new).__name__,
-                params_before=_own_params(old),
-                params_after=_own_params(new),
-                macs_per_position_before=_macs_per_position(old),
-                macs_per_position_after=_macs_per_position(new),
-                error=error,
-                detail=detail,
-                aliases=entry.aliases,
+    todo = [entry for entry in plan if entry.action == "convert"]
+    with _LayerProgress(model, len(todo), owner, progress) as bar:
+        for entry in todo:
+            bar.layer(entry.name)
+            old = old_modules[entry.name] = model.get_submodule(entry.name)
+            new, error, detail = build(entry.name, old)
+            new.train(old.training)
+            new_modules[entry.name] = new
+            result.changes.append(
+                LayerChange(
+                    name=entry.name,
+                    old_type=type(old).__name__,
+                    new_type=type(new).__name__,
+                    params_before=_own_params(old),
+                    params_after=_own_params(new),
+                    macs_per_position_before=_macs_per_position(old),
+                    macs_per_position_after=_macs_per_position(new),
+                    error=error,
+                    detail=detail,
+                    aliases=entry.aliases,
+                )
             )
-        )
     # Everything was built and validated above; only now is the model touched.
     replace_modules(model, new_modules)
     try:
@@ -642,6 +737,22 @@ def _require_targets(
         )
 
 
+def _check_optional_flags(owner: str, **flags: bool | None) -> None:
+    for flag, value in flags.items():
+        if value is not None:
+            check_bool(flag, value, owner=owner)
+
+
+def _selection_example(
+    example_input: Tensor | ModelCall | None, calibration: Tensor | None
+) -> Tensor | ModelCall | None:
+    """What the layer selection runs: ``example_input``, else the first example of ``calibration`` (as the
+    callbacks: one example)."""
+    if example_input is not None:
+        return example_input
+    return None if calibration is None else calibration[:1]
+
+
 def convert_to_ghost(
     model: nn.Module,
     include: Patterns = None,
@@ -654,6 +765,9 @@ def convert_to_ghost(
     skip_last: bool = True,
     plan: list[LayerPlan] | None = None,
     recalibrate_bn: bool = True,
+    example_input: Tensor | ModelCall | None = None,
+    skip_prediction: bool | None = None,
+    progress: bool | None = None,
 ) -> ConversionResult:
     """Replace the selected convs of ``model`` by conv-only :class:`GhostConv2d` modules, in place.
 
@@ -664,7 +778,12 @@ def convert_to_ghost(
     are then re-estimated on it (:func:`recalibrate_batchnorm`): on a trained ResNet-20 (digits) that
     took the accuracy right after conversion from 16% to 52% (random init: 11%). New parameters keep
     the ``requires_grad`` of the layer they replace. Layers whose weights are used outside them are
-    skipped (see :func:`select_layers`).
+    skipped (see :func:`select_layers`), and so are the stem and the prediction layers (every head's output
+    layers; ``skip_first``, ``skip_prediction``, ``skip_last`` as in :func:`select_layers`), found on
+    ``example_input`` (a batch or a :class:`~lightning_cheapconv.calls.ModelCall`; default: the first example
+    of ``calibration``) or in a ``torch.fx`` trace. A conversion that runs for more than a second shows a
+    transient progress bar on stderr naming the layer (``progress``: ``None`` on a terminal and outside a
+    Lightning Trainer, ``False`` never, ``True`` on any terminal).
 
     Atomic: on any error the model is left exactly as it was. Raises ``ValueError`` naming the argument
     (``ratio`` an int >= 2, ``dw_size`` an odd int >= 1, ``init`` ``"inherit"`` or ``"random"``, bools
@@ -686,6 +805,7 @@ def convert_to_ghost(
     exclude_p = check_patterns("exclude", exclude, owner=owner)
     for flag, value in (("skip_first", skip_first), ("skip_last", skip_last), ("recalibrate_bn", recalibrate_bn)):
         check_bool(flag, value, owner=owner)
+    _check_optional_flags(owner, skip_prediction=skip_prediction, progress=progress)
     _check_calibration(model, calibration, owner)
     if plan is None:
         plan = select_layers(
@@ -697,7 +817,8 @@ def convert_to_ghost(
             skip_last,
             ratio=ratio,
             dw_size=dw_size,
-            example_input=None if calibration is None else calibration[:1],  # as the callbacks: one example
+            example_input=_selection_example(example_input, calibration),
+            skip_prediction=skip_prediction,
         )
     _require_targets(_check_plan(model, plan, owner), owner, include_p, exclude_p)
     targets = [p.name for p in plan if p.action == "convert"]
@@ -707,7 +828,7 @@ def convert_to_ghost(
         new, error = ghost_from_conv(old, ratio, dw_size, init, inputs.get(name), name)
         return new, error, f"s={ratio}, d={dw_size}, init={init}"
 
-    return _convert(model, "ghost", plan, build, calibration if recalibrate_bn else None, owner)
+    return _convert(model, "ghost", plan, build, calibration if recalibrate_bn else None, owner, progress)
 
 
 def decompose_structured(
@@ -723,6 +844,9 @@ def decompose_structured(
     skip_last: bool = True,
     plan: list[LayerPlan] | None = None,
     calibration: Tensor | None = None,
+    example_input: Tensor | ModelCall | None = None,
+    skip_prediction: bool | None = None,
+    progress: bool | None = None,
 ) -> ConversionResult:
     """Project the selected layers onto structured kernels and replace them by their decomposed form.
 
@@ -732,7 +856,10 @@ def decompose_structured(
     projection residual ``‖W - PW‖/‖W‖`` (how far the weights moved; 0 if already structured).
     Given ``calibration`` (a batch of model inputs), the BatchNorm statistics are re-estimated on it
     afterwards (:func:`recalibrate_batchnorm`). New parameters keep the ``requires_grad`` of the layer
-    they replace. Layers whose weights are used outside them are skipped (see :func:`select_layers`).
+    they replace. Layers whose weights are used outside them are skipped (see :func:`select_layers`), and so
+    are the stem and the prediction layers, found on ``example_input`` (default: the first example of
+    ``calibration``) or in a ``torch.fx`` trace; ``skip_first``, ``skip_prediction``, ``skip_last`` and
+    ``progress`` as in :func:`convert_to_ghost`.
 
     Atomic: on any error the model is left exactly as it was. Raises ``ValueError`` naming the argument
     (``channel_ratio`` in (0, 1], ``kernel_reduction`` an int >= 0, ``kernel_size`` an int or pair >= 1,
@@ -753,6 +880,7 @@ def decompose_structured(
     exclude_p = check_patterns("exclude", exclude, owner=owner)
     for flag, value in (("linear", linear), ("skip_first", skip_first), ("skip_last", skip_last)):
         check_bool(flag, value, owner=owner)
+    _check_optional_flags(owner, skip_prediction=skip_prediction, progress=progress)
     if specs is not None and not (
         isinstance(specs, dict) and all(isinstance(k, str) and isinstance(v, StructureSpec) for k, v in specs.items())
     ):
@@ -771,7 +899,8 @@ def decompose_structured(
             channel_ratio=channel_ratio,
             kernel_reduction=kernel_reduction,
             kernel_size=kernel_size,
-            example_input=None if calibration is None else calibration[:1],  # as the callbacks: one example
+            example_input=_selection_example(example_input, calibration),
+            skip_prediction=skip_prediction,
         )
     _require_targets(_check_plan(model, plan, owner), owner, include_p, exclude_p)
     unknown = set(specs) - {p.name for p in plan}
@@ -786,4 +915,4 @@ def decompose_structured(
         new, residual = structured_from_dense(old, spec, name)
         return new, residual, f"c={spec.channels}, n={spec.kernel_size}"
 
-    return _convert(model, "structured", plan, build, calibration, owner)
+    return _convert(model, "structured", plan, build, calibration, owner, progress)

@@ -15,12 +15,15 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ._lightning import LightningModule
 from .checkpoint import install_restructure_hook
+from .validation import check_int, check_int_pair
 
 __all__ = ["ImageClassifier", "lr_factor", "split_decay_parameters"]
 
 _OPTIMIZERS = ("sgd", "adamw")
 _SCHEDULERS = ("cosine", "multistep", "none")
 _INTERVALS = ("step", "epoch")
+_CIFAR_MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "vgg16")
+_CIFAR_SIZE, _IMAGENET_SIZE = 32, 224
 
 
 def split_decay_parameters(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -104,6 +107,12 @@ class ImageClassifier(LightningModule):
         backbone_kwargs: extra keyword arguments for ``get_model``.
         scheduler_interval: update the learning rate every optimizer ``"step"`` (smooth warm-up) or every ``"epoch"``.
         min_lr: final learning rate of the cosine schedule.
+        input_size: side (an int) or ``(height, width)`` of the input images. It sets ``example_input_array`` (one
+            zero image of ``in_channels`` channels), so Lightning's model summary counts the FLOPs and the callbacks
+            read the network's data flow (its prediction layers) before the first batch. Default ``None``: 32 for
+            this library's CIFAR models (``resnet20`` .. ``resnet110``, ``vgg16``), 224 for the other named models,
+            and no example for an ``nn.Module`` backbone.
+        in_channels: channels of the input images (for ``example_input_array``).
 
     Example::
 
@@ -130,6 +139,8 @@ class ImageClassifier(LightningModule):
         backbone_kwargs: dict[str, Any] | None = None,
         scheduler_interval: Literal["step", "epoch"] = "step",
         min_lr: float = 0.0,
+        input_size: int | tuple[int, int] | None = None,
+        in_channels: int = 3,
     ) -> None:
         super().__init__()
         if isinstance(backbone, nn.Module):
@@ -158,6 +169,12 @@ class ImageClassifier(LightningModule):
                 raise ValueError(f"float milestones are fractions of the run in (0, 1], got {m}")
             if isinstance(m, int) and m < 0:
                 raise ValueError(f"int milestones are epochs >= 0, got {m}")
+        check_int("in_channels", in_channels, 1, owner="ImageClassifier")
+        if input_size is None and isinstance(backbone, str):
+            input_size = _CIFAR_SIZE if backbone.lower() in _CIFAR_MODELS else _IMAGENET_SIZE
+        if input_size is not None:
+            height, width = check_int_pair("input_size", input_size, 1, owner="ImageClassifier")
+            self.example_input_array = torch.zeros(1, in_channels, height, width)
 
         if isinstance(backbone, str):
             from .models import get_model
