@@ -26,7 +26,15 @@ from torch import Tensor, nn
 from .calls import ModelCall, as_calls
 from .heads import find_prediction_layers
 from .inherit import check_ghost_sizes, fit_ghost_from_activations, fit_ghost_from_kernels
-from .nn import GhostConv2d, StructuredConv2d, StructuredLinear
+from .nn import (
+    GhostConv1d,
+    GhostConv2d,
+    GhostConv3d,
+    StructuredConv1d,
+    StructuredConv2d,
+    StructuredConv3d,
+    StructuredLinear,
+)
 from .reuse import evaluating, find_weight_reuse, module_names, run_example
 from .structure import StructureSpec, check_structure_ratios, spec_from_ratios, structural_residual
 from .validation import (
@@ -137,6 +145,18 @@ class ConversionResult:
         return "\n".join(lines)
 
 
+# The dense convs that convert, and the cheap module each becomes (one spatial dimension fewer or more than 2-d).
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_GHOSTS = {nn.Conv1d: GhostConv1d, nn.Conv2d: GhostConv2d, nn.Conv3d: GhostConv3d}
+_STRUCTURED = {nn.Conv1d: StructuredConv1d, nn.Conv2d: StructuredConv2d, nn.Conv3d: StructuredConv3d}
+_CHEAP = (*_GHOSTS.values(), *_STRUCTURED.values(), StructuredLinear)
+
+
+def _conv_base(conv: nn.Module) -> type[nn.Module]:
+    """``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Conv3d``: the plain conv class ``conv`` is (or derives from)."""
+    return next(base for base in _CONVS if isinstance(conv, base))
+
+
 def _matches(names: Sequence[str], patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
 
@@ -159,9 +179,11 @@ def _ghost_skip_reason(conv: nn.Conv2d, ratio: int, dw_size: int) -> str | None:
 
 def _ghost_params(conv: nn.Conv2d, ratio: int, dw_size: int) -> int:
     m = -(-conv.out_channels // ratio)
-    k_h, k_w = conv.kernel_size
+    taps = 1
+    for side in conv.kernel_size:
+        taps *= side
     bias = conv.bias is not None
-    return m * conv.in_channels * k_h * k_w + m * bias + m * (ratio - 1) * (dw_size * dw_size + bias)
+    return m * conv.in_channels * taps + m * bias + m * (ratio - 1) * (dw_size ** len(conv.kernel_size) + bias)
 
 
 def _own_params(module: nn.Module) -> int:
@@ -175,25 +197,29 @@ def structure_spec_for(
     kernel_size: int | tuple[int, int] | None = None,
     name: str = "layer",
 ) -> StructureSpec:
-    """The hidden sizes a Conv2d (per group) or Linear gets from the ratios (see :func:`spec_from_ratios`).
+    """The hidden sizes a Conv2d (Conv1d, Conv3d; per group) or Linear gets from the ratios (see
+    :func:`spec_from_ratios`).
 
     Raises:
         ValueError: naming ``name`` for a layer that is neither, or the ratio out of range.
     """
-    if isinstance(layer, nn.Conv2d):
+    if isinstance(layer, _CONVS):
         shape = (layer.in_channels // layer.groups, *layer.kernel_size)
     elif isinstance(layer, nn.Linear):
         shape = (layer.in_features,)
     else:
-        raise ValueError(f"{name}: expected nn.Conv2d or nn.Linear, got {type(layer).__name__}")
+        raise ValueError(
+            f"{name}: expected nn.Conv2d or nn.Linear (or nn.Conv1d, nn.Conv3d), got {type(layer).__name__}"
+        )
     return spec_from_ratios(shape, channel_ratio, kernel_reduction, kernel_size, layer=name)
 
 
 def _structured_skip_reason(layer: nn.Module, spec: StructureSpec) -> str | None:
-    if isinstance(layer, nn.Conv2d):
+    if isinstance(layer, _CONVS):
         full = (layer.in_channels // layer.groups, *layer.kernel_size)
-        if layer.kernel_size == (1, 1) and spec.channels == full[0]:
-            return "1x1 conv: no spatial structure, and channel_ratio=1.0 leaves channels whole"
+        if all(side == 1 for side in layer.kernel_size) and spec.channels == full[0]:
+            ones = "x".join("1" * len(layer.kernel_size))
+            return f"{ones} conv: no spatial structure, and channel_ratio=1.0 leaves channels whole"
     else:
         full = (layer.in_features, 1, 1)
     if (spec.channels, *spec.kernel_size) == full:
@@ -257,21 +283,19 @@ def select_layers(
             f"{owner}: linear=True applies to the structured method only; valid with method='ghost': False"
         )
     names = module_names(model)
-    kinds = (nn.Conv2d, nn.Linear) if linear else (nn.Conv2d,)
+    kinds = (*_CONVS, nn.Linear) if linear else _CONVS
     seen: set[int] = set()
     layers: list[tuple[str, nn.Module]] = []
     # Layers inside cheap modules (a Ghost module's primary conv, say) are parts, not candidates.
-    cheap = [
-        (n, m) for n, m in model.named_modules() if isinstance(m, (GhostConv2d, StructuredConv2d, StructuredLinear))
-    ]
+    cheap = [(n, m) for n, m in model.named_modules() if isinstance(m, _CHEAP)]
     cheap_prefixes = tuple(n + "." for n, _ in cheap)
     for name, module in model.named_modules():
         if name.startswith(cheap_prefixes):
             continue
-        if isinstance(module, (nn.Conv2d, nn.Linear)) and id(module) not in seen:
+        if isinstance(module, (*_CONVS, nn.Linear)) and id(module) not in seen:
             seen.add(id(module))
             layers.append((name, module))
-    first_conv = next((n for n, m in layers if isinstance(m, nn.Conv2d)), None)
+    first_conv = next((n for n, m in layers if isinstance(m, _CONVS)), None)
     last_layer = layers[-1][0] if layers else None
     keep_predictions = skip_last if skip_prediction is None else skip_prediction
     predictions = _prediction_layers(model, example_input) if keep_predictions and layers else None
@@ -297,8 +321,9 @@ def select_layers(
 
         if not isinstance(module, kinds):
             continue
-        if type(module) not in (nn.Conv2d, nn.Linear):
-            skip(f"subclass {kind} of nn.{kinds[0].__name__} may change forward(); only plain layers convert")
+        if type(module) not in (*_CONVS, nn.Linear):
+            base = next(t for t in kinds if isinstance(module, t)).__name__
+            skip(f"subclass {kind} of nn.{base} may change forward(); only plain layers convert")
             continue
         if include_p is not None and not _matches(aliases, include_p):
             skip("not matched by include")
@@ -317,7 +342,7 @@ def select_layers(
             continue
         if method == "ghost":
             reason = _ghost_skip_reason(module, ratio, dw_size)
-            action_text = f"GhostConv2d(ratio={ratio}, dw_size={dw_size})"
+            action_text = f"{_GHOSTS[_conv_base(module)].__name__}(ratio={ratio}, dw_size={dw_size})"
         else:
             spec = structure_spec_for(module, channel_ratio, kernel_reduction, kernel_size, name)
             reason = _structured_skip_reason(module, spec)
@@ -376,14 +401,15 @@ def _inherit_requires_grad(old: nn.Module, new: nn.Module) -> None:
 
 
 def ghost_from_conv(
-    conv: nn.Conv2d,
+    conv: nn.Conv2d | nn.Conv1d | nn.Conv3d,
     ratio: int = 2,
     dw_size: int = 3,
     init: Literal["inherit", "random"] = "inherit",
     calibration_input: Tensor | None = None,
     name: str = "conv",
-) -> tuple[GhostConv2d, float | None]:
-    """Build the conv-only :class:`GhostConv2d` that replaces ``conv``; returns it and its fit error.
+) -> tuple[GhostConv2d | GhostConv1d | GhostConv3d, float | None]:
+    """Build the conv-only :class:`GhostConv2d` that replaces ``conv``; returns it and its fit error
+    (:class:`GhostConv1d`/:class:`GhostConv3d` for an ``nn.Conv1d``/``nn.Conv3d``).
 
     ``init="inherit"`` maps the trained filters onto the Ghost module (DESIGN.md section 3):
     ``m`` filters become the primary conv unchanged, the others are fitted as depthwise ghosts,
@@ -398,8 +424,8 @@ def ghost_from_conv(
     """
     ratio, dw_size = check_ghost_sizes(ratio, dw_size, name)
     check_choice("init", init, ("inherit", "random"), owner=name)
-    if not isinstance(conv, nn.Conv2d):
-        raise ValueError(f"{name}: expected nn.Conv2d, got {type(conv).__name__}")
+    if not isinstance(conv, _CONVS):
+        raise ValueError(f"{name}: expected nn.Conv2d (or nn.Conv1d, nn.Conv3d), got {type(conv).__name__}")
     if calibration_input is not None and init == "random":
         raise ValueError(f"{name}: calibration_input is only read with init='inherit'; valid with 'random': None")
     reason = _ghost_skip_reason(conv, ratio, dw_size)
@@ -407,7 +433,7 @@ def ghost_from_conv(
         raise ValueError(f"{name}: cannot convert to Ghost: {reason}")
     weight = conv.weight
     try:
-        ghost = GhostConv2d(
+        ghost = _GHOSTS[_conv_base(conv)](
             conv.in_channels,
             conv.out_channels,
             conv.kernel_size,
@@ -454,10 +480,9 @@ def ghost_from_conv(
     return ghost, fit.relative_error
 
 
-def structured_from_dense(
-    layer: nn.Module, spec: StructureSpec, name: str = "layer"
-) -> tuple[StructuredConv2d | StructuredLinear, float]:
-    """Project and decompose a Conv2d/Linear; returns the new layer and the relative projection residual.
+def structured_from_dense(layer: nn.Module, spec: StructureSpec, name: str = "layer") -> tuple[nn.Module, float]:
+    """Project and decompose a Conv2d/Linear (or Conv1d, Conv3d); returns the new layer and the relative
+    projection residual.
 
     The new parameters take ``requires_grad`` from ``layer``'s (a frozen layer stays frozen).
 
@@ -465,17 +490,19 @@ def structured_from_dense(
         ValueError: naming ``name`` for another layer type, NaN/inf weights, or a ``spec`` out of range.
     """
     check_instance(f"{name}: spec", spec, StructureSpec)
-    if isinstance(layer, nn.Conv2d):
+    if isinstance(layer, _CONVS):
         spec.validate((layer.in_channels // layer.groups, *layer.kernel_size), layer=name)
     elif isinstance(layer, nn.Linear):
         spec.validate((layer.in_features,), layer=name)
     else:
-        raise ValueError(f"{name}: expected nn.Conv2d or nn.Linear, got {type(layer).__name__}")
+        raise ValueError(
+            f"{name}: expected nn.Conv2d or nn.Linear (or nn.Conv1d, nn.Conv3d), got {type(layer).__name__}"
+        )
     check_finite_tensor(f"{name}.weight", layer.weight)
     if layer.bias is not None:
         check_finite_tensor(f"{name}.bias", layer.bias)
-    if isinstance(layer, nn.Conv2d):
-        new: StructuredConv2d | StructuredLinear = StructuredConv2d.from_dense(layer, spec.channels, spec.kernel_size)
+    if isinstance(layer, _CONVS):
+        new: nn.Module = _STRUCTURED[_conv_base(layer)].from_dense(layer, spec.channels, spec.kernel_size)
     else:
         new = StructuredLinear.from_dense(layer, spec.channels)
     _inherit_requires_grad(layer, new)
@@ -485,17 +512,15 @@ def structured_from_dense(
 
 
 def _macs_per_position(module: nn.Module) -> int:
-    if isinstance(module, nn.Conv2d):
-        return (
-            module.out_channels * (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
-        )
+    if isinstance(module, _CONVS):
+        return module.weight.numel()  # out · in/groups · kernel taps
     if isinstance(module, nn.Linear):
         return module.in_features * module.out_features
-    if isinstance(module, StructuredConv2d):
+    if isinstance(module, tuple(_STRUCTURED.values())):
         return module.weight.numel()
     if isinstance(module, StructuredLinear):
         return module.weight.numel()
-    if isinstance(module, GhostConv2d):
+    if isinstance(module, tuple(_GHOSTS.values())):
         return _macs_per_position(module.primary) + module.cheap.weight.numel()
     raise TypeError(type(module).__name__)
 

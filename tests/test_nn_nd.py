@@ -531,3 +531,34 @@ def test_inheritance_fits_like_the_2d_fit_of_the_embedded_conv(fit_in, dims, str
         if dims == 3:
             assert kernel[[0, 2]].abs().max() < 1e-4
         assert fit.bias_shift[filt] == pytest.approx(flat_fit.bias_shift[filt], abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------- convert_to_ghost, decompose
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+@pytest.mark.parametrize("method", ["ghost", "structured"])
+def test_conversion_of_1d_and_3d_nets_restructures_into_fresh_models(dims, method):
+    from lightning_cheapconv import convert_to_ghost, decompose_structured
+
+    torch.manual_seed(6)
+    model = _net(dims).eval()
+    _randomize(model)
+    x = torch.randn(2, 3, *(8,) * dims)
+    if method == "ghost":
+        result = convert_to_ghost(model, skip_first=False)
+        expected = {"0": GHOST[dims], "3": GHOST[dims]}  # 5 is grouped, 7 the last layer
+    else:
+        result = decompose_structured(model, channel_ratio=0.5, skip_first=False)
+        expected = {"0": STRUCTURED[dims], "3": STRUCTURED[dims], "5": STRUCTURED[dims]}
+    assert {name: type(model.get_submodule(name)) for name in result.converted} == expected
+    reasons = {p.name: p.reason for p in result.skipped}
+    if method == "ghost":
+        assert "grouped conv" in reasons["5"]
+    state = model.state_dict()
+    fresh = _net(dims).eval()
+    restructure(fresh, state)
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    assert str(result)  # the report names the new types
