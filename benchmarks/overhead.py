@@ -54,7 +54,18 @@ CONFIGS: dict[str, Callable[[], Callback | None]] = {
         project_start_epoch=0, project_end_epoch=0, decompose_on_fit_end=False, verbose=0
     ),
     "GhostConvCallback, before its conversion epoch": lambda: GhostConvCallback(start_epoch=99, verbose=0),
+    "GhostConvCallback, converted in setup": lambda: GhostConvCallback(verbose=0),
+    "GhostConvCallback, converted, distill=True": lambda: GhostConvCallback(verbose=0, distill=True),
+    "GhostConvCallback, converted, distill=True, distill_logits=True": lambda: GhostConvCallback(
+        verbose=0, distill=True, distill_logits=True
+    ),
 }
+DISTILLATION = {
+    "GhostConvCallback, converted, distill=True": "GhostConvCallback, converted in setup",
+    "GhostConvCallback, converted, distill=True, distill_logits=True": "GhostConvCallback, converted in setup",
+}
+"""Distillation rows and the run each is compared with (the same converted network without distillation); these and
+the converted run (a different network, not a callback's overhead) are outside the overhead target."""
 
 
 def _run(make: Callable[[], Callback | None], loader: DataLoader, steps: int) -> list[float]:
@@ -114,8 +125,18 @@ def main(argv: list[str] | None = None) -> Section:
         ratio = statistics.median(times) / base
         step = statistics.median(times)
         lines.append(f"| {name} | {1000 * step:.0f} | {128 / step:.0f} | {ratio:.3f}x |")
-        if name != "no callback" and ratio > TARGET:
+        outside = name in DISTILLATION or name in DISTILLATION.values()
+        if name != "no callback" and not outside and ratio > TARGET:
             missed.append(f"training overhead of {name}: {ratio:.3f}x (target: at most {TARGET}x)")
+    lines += [
+        "",
+        "| distillation (teacher: the dense network; features of every converted layer, and logits) "
+        "| ratio to the same converted network without distillation |",
+        "|---|---|",
+    ]
+    for name, baseline in DISTILLATION.items():
+        ratio = statistics.median(samples[name]) / statistics.median(samples[baseline])
+        lines.append(f"| {name} | {ratio:.3f}x |")
     ghost_s, ghost_layers = _conversion_seconds(convert_to_ghost, repeats=1 if args.quick else 3)
     structured_s, structured_layers = _conversion_seconds(decompose_structured, repeats=1 if args.quick else 3)
     if ghost_s > 5.0:

@@ -13,18 +13,48 @@ from .._lightning import Callback, LightningModule, MisconfigurationException, T
 from ..calls import ModelCall
 from ..checkpoint import install_restructure_hook
 from ..complexity import count_complexity
-from ..convert import LayerPlan
+from ..convert import PREDICTION_KEPT, LayerPlan
+from ..heads import find_prediction_layers
 from ..report import compression_report
 from ..reuse import find_weight_reuse
-from ..validation import check_bool, check_choice, check_patterns
+from ..validation import check_bool, check_choice, check_finite_number, check_patterns
+from .distill import Distiller, check_distill_arguments
 from .optimizer_state import align_saved_state, parameter_names
 from .schedule import Order, StageSchedule, Unit
-from .surgery import refuse_incompatible_callbacks
+from .surgery import broadcast_module, refuse_incompatible_callbacks
 from .tracking import CompressionTracker
 
 __all__ = ["CheapConvCallback"]
 
 Patterns = str | Sequence[str] | None
+
+
+def _choices(plan: Any, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """A :class:`~lightning_cheapconv.budget.BudgetPlan`'s choice for each of ``names`` as primitive values (for the
+    callback state and the broadcast): ``{"method": "dense"}``, ``{"method": "ghost", "ratio": s}`` or
+    ``{"method": "structured", "channels": c, "kernel_size": [n_h, n_w]}``; a layer the plan left out stays dense."""
+    chosen = {layer.name: layer.choice for layer in plan.layers}
+    result: dict[str, dict[str, Any]] = {}
+    for name in names:
+        choice = chosen.get(name)
+        if choice is None or choice.method == "dense":
+            result[name] = {"method": "dense"}
+        elif choice.method == "ghost":
+            result[name] = {"method": "ghost", "ratio": int(choice.ratio)}
+        else:
+            kernel = [int(n) for n in choice.kernel_size]
+            result[name] = {"method": "structured", "channels": int(choice.channels), "kernel_size": kernel}
+    return result
+
+
+def _loss_factor(trainer: Trainer) -> float:
+    """What Lightning applied to the user's loss before ``backward``: the fp16 GradScaler's scale (1 without one) over
+    ``accumulate_grad_batches`` (automatic optimization only; manual optimization does not divide)."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+    module = trainer.lightning_module
+    automatic = module is None or module.automatic_optimization
+    return scale / (trainer.accumulate_grad_batches if automatic else 1)
 
 
 def short_list(names: Sequence[str], most: int = 6) -> str:
@@ -77,6 +107,39 @@ class CheapConvCallback(Callback):
         self._saved_optimizer_params: list | None = None
         self._forms: dict[str, type[nn.Module]] = {}
         self._trainer: Trainer | None = None
+        self.distiller: Distiller | None = None
+        self.budgets: dict[str, float] = {}
+        self.budget_plan: dict[str, dict[str, Any]] | None = None  # layer -> chosen candidate, in the state
+        self._window: tuple[int, int, int] | None = None
+
+    def _init_budget(self, target_macs: Any, target_params: Any, target_latency_ms: Any) -> None:
+        """Check the budget arguments: ``target_macs``/``target_params`` fractions in ``(0, 1]``, ``target_latency_ms``
+        > 0 (each optional)."""
+        who, error = type(self).__name__, MisconfigurationException
+        self.target_macs, self.target_params, self.target_latency_ms = target_macs, target_params, target_latency_ms
+        for key, value in (("macs", target_macs), ("params", target_params)):
+            if value is not None:
+                maximum = 1.0
+                self.budgets[key] = check_finite_number(
+                    f"target_{key}", value, 0.0, maximum, exclusive_minimum=True, owner=who, error=error
+                )
+        if target_latency_ms is not None:
+            self.budgets["latency_ms"] = check_finite_number(
+                "target_latency_ms", target_latency_ms, 0.0, exclusive_minimum=True, owner=who, error=error
+            )
+
+    def _budget_arguments(self) -> str:
+        return ", ".join(f"target_{k}={v:g}" for k, v in self.budgets.items())
+
+    def _init_distill(self, distill: Any, weight: Any, logits: Any, temperature: Any) -> None:
+        """Check the distillation arguments and keep them (see :mod:`lightning_cheapconv.callbacks.distill`)."""
+        who = type(self).__name__
+        self.distill, self.distill_weight, self.distill_logits, self.distill_temperature = check_distill_arguments(
+            who, distill, weight, logits, temperature, MisconfigurationException
+        )
+        self.distiller = None
+        if distill:
+            self.distiller = Distiller(self.distill_weight, self.distill_logits, self.distill_temperature)
 
     # -- subclass interface -------------------------------------------------------------------
     def _select(self, pl_module: LightningModule) -> list[LayerPlan]:
@@ -96,6 +159,121 @@ class CheapConvCallback(Callback):
     def _integer_buffers(self) -> bool:
         """Whether the cheap modules carry integer buffers (default: no)."""
         return False
+
+    def _set_choice(self, name: str, choice: dict[str, Any]) -> None:
+        """Take a budget plan's choice for ``name`` (a converted layer's hyper-parameters)."""
+        raise NotImplementedError
+
+    # -- budgets ----------------------------------------------------------------------------------
+    def _plan_budget(self, trainer: Trainer, pl_module: LightningModule, example: ModelCall | None, when: str) -> None:
+        """Plan per-layer choices for :attr:`budgets` on ``example`` (rank 0; the plan or the refusal broadcast to
+        every rank) and apply them to the plan, the schedule and the tracker. The model is not changed.
+
+        Raises:
+            MisconfigurationException: the budget cannot be met (the message gives the smallest reachable value).
+        """
+        from ..budget import plan_budget  # budget imports the deploy timing code; only runs with a budget
+
+        who = type(self).__name__
+        choices: dict[str, dict[str, Any]] | None = None
+        message, table = None, None
+        if trainer.global_rank == 0:
+            if example is None:
+                message = (
+                    f"{who}: cannot plan {self._budget_arguments()}: {type(pl_module).__name__}.forward was not called "
+                    "during training_step and no example_input_array is set"
+                )
+            else:
+                try:
+                    plan = plan_budget(
+                        pl_module,
+                        example.to(pl_module.device),
+                        methods=(self.method,),
+                        include=list(self.todo),
+                        skip_first=False,
+                        skip_last=False,
+                        **{k: v for k, v in self.budgets.items()},
+                    )
+                    choices = _choices(plan, self.todo)
+                    table = str(plan)
+                except ValueError as err:
+                    message = f"{who}: {when}: {err}; the model is unchanged"
+        choices, message = trainer.strategy.broadcast((choices, message), src=0)
+        if message is not None:
+            raise MisconfigurationException(message)
+        assert choices is not None
+        self._apply_choices(pl_module, choices)
+        if self.verbose and table is not None:
+            rank_zero_info(f"{who}: {when}: budget plan ({self._budget_arguments()}):\n{table}")
+
+    def _check_budget_at_setup(self, pl_module: LightningModule) -> None:
+        """Refuse an unreachable MACs/params budget at setup when ``example_input_array`` is set (the smallest reachable
+        MACs and parameters do not depend on the data); otherwise the first stage refuses it, planning on a recorded
+        training batch, before it changes anything."""
+        from ..budget import plan_budget
+
+        example = self._example_input_array(pl_module)
+        budgets = {k: v for k, v in self.budgets.items() if k != "latency_ms"}
+        if example is None or not budgets or not self.todo:
+            return
+        try:
+            plan_budget(
+                pl_module,
+                example,
+                methods=(self.method,),
+                include=list(self.todo),
+                skip_first=False,
+                skip_last=False,
+                **budgets,
+            )
+        except ValueError as err:
+            raise MisconfigurationException(f"{type(self).__name__}: at setup: {err}; the model is unchanged") from err
+
+    def _apply_choices(self, pl_module: LightningModule, choices: dict[str, dict[str, Any]]) -> None:
+        """Layers the plan keeps dense leave :attr:`todo`; the others take their hyper-parameters; the schedule and
+        the tracker follow."""
+        self.budget_plan = choices
+        for entry in self.plan:
+            if entry.action != "convert":
+                continue
+            choice = choices.get(entry.name, {"method": "dense"})
+            if choice["method"] == "dense":
+                entry.action, entry.reason = "skip", f"kept dense by the budget plan ({self._budget_arguments()})"
+            else:
+                self._set_choice(entry.name, choice)
+        self.tracker = CompressionTracker(pl_module, self.targets, self._make_cheap_twin)
+        if self._window is not None and self.todo:
+            start, end, stages = self._window
+            self.schedule = StageSchedule.build(self.todo, start, end, stages, self.order)
+        elif not self.todo:
+            self.schedule = None
+
+    def _distilled_layers(self, pl_module: LightningModule) -> list[str]:
+        """The layers whose outputs are distilled now: those in their converted form (default: cheap now)."""
+        return sorted(self._cheap_now(pl_module))
+
+    # -- distillation ---------------------------------------------------------------------------
+    def _snapshot_teacher(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Before the first change to the network: keep it as the teacher (rank 0's, on every rank)."""
+        if self.distiller is None or self.distiller.teacher is not None:
+            return
+        self.distiller.snapshot(pl_module)
+        assert self.distiller.teacher is not None
+        broadcast_module(self.distiller.teacher)  # before DDP wraps the model, ranks may hold different weights
+
+    def _start_distilling(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Hook the converted layers (and the network, for logits) for this training batch."""
+        if self.distiller is None:
+            return
+        self.distiller.attach(pl_module, self._distilled_layers(pl_module), lambda: _loss_factor(trainer))
+
+    def _stop_distilling(self, pl_module: LightningModule) -> None:
+        if self.distiller is None:
+            return
+        self.distiller.detach()
+        total = self.distiller.take_losses()
+        if total is not None:
+            pl_module.log("train/distill", total, on_step=True, on_epoch=True, prog_bar=False)
 
     # -- shared -----------------------------------------------------------------------------
     @property
@@ -141,6 +319,7 @@ class CheapConvCallback(Callback):
 
     # -- schedule -------------------------------------------------------------------------------
     def _build_schedule(self, start: int, end: int, stages: int) -> None:
+        self._window = (start, end, stages)
         self.schedule = StageSchedule.build(self.todo, start, end, stages, self.order)
         if self.verbose > 1:
             for at, group in zip(self.schedule.epochs, self.schedule.groups, strict=True):
@@ -215,23 +394,41 @@ class CheapConvCallback(Callback):
         self._check_forms(pl_module)
 
     def _skip_reused(self, pl_module: LightningModule, names: Sequence[str]) -> list[str]:
-        """``names`` less the layers whose weights the recorded forward uses outside them (a model no tracer
-        could read at setup): those are skipped from now on, with the reason in :attr:`plan`."""
+        """``names`` less the layers the recorded forward shows must stay (a model no tracer could read at setup):
+        those whose weights are used outside them, and (with ``skip_last``) the prediction layers, which setup finds
+        only with ``example_input_array`` or a ``torch.fx`` trace. Those are skipped from now on, with the reason in
+        :attr:`plan`."""
         if self._example is None or not names:
             return list(names)
+        example = self._example.to(pl_module.device)
         try:
-            reused = find_weight_reuse(pl_module, names, self._example.to(pl_module.device))
+            reused = find_weight_reuse(pl_module, names, example)
+            heads = self._late_prediction_layers(pl_module, names, example)
         except ValueError:  # the forward fails on the recorded input: the checks made at setup stand
             return list(names)
         for entry in self.plan:
             if entry.name in reused:
                 entry.action, entry.reason = "skip", reused[entry.name]
+            elif entry.name in heads:
+                entry.action, entry.reason = "skip", PREDICTION_KEPT
         if reused:
             rank_zero_warn(
                 f"{type(self).__name__}: {len(reused)} layer(s) stay as they are, their weights are used outside them: "
                 + "; ".join(f"{n}: {r}" for n, r in reused.items())
             )
-        return [n for n in names if n not in reused]
+        if heads and self.verbose:
+            rank_zero_info(f"{type(self).__name__}: prediction layers found on the recorded input, kept: {heads}")
+        return [n for n in names if n not in reused and n not in heads]
+
+    def _late_prediction_layers(
+        self, pl_module: LightningModule, names: Sequence[str], example: ModelCall
+    ) -> list[str]:
+        """Those of ``names`` that are prediction layers on the recorded input (with ``skip_last``, which the
+        prediction rule follows): setup finds them only with ``example_input_array`` or a ``torch.fx`` trace."""
+        if not self.skip_last:
+            return []
+        found = set(find_prediction_layers(pl_module, example) or ())
+        return [name for name in names if name in found]
 
     # -- what forward receives ------------------------------------------------------------------
     def _enter_forward(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -265,6 +462,7 @@ class CheapConvCallback(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._stop_recording()
+        self._stop_distilling(pl_module)
         if self._example is None:
             self._example = self._example_input_array(pl_module)
         if self._example is None and not self._warned_no_input:
@@ -295,6 +493,8 @@ class CheapConvCallback(Callback):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._stop_recording()
+        if self.distiller is not None:
+            self.distiller.detach()
 
     def _measure(self, pl_module: LightningModule) -> bool:
         assert self.tracker is not None
@@ -346,6 +546,10 @@ class CheapConvCallback(Callback):
         state: dict[str, Any] = {"version": 1, "targets": list(self.targets)}
         if self._trainer is not None and self._trainer.lightning_module is not None:
             state["optimizer_params"] = parameter_names(self._trainer.optimizers, self._trainer.lightning_module)
+        if self.distiller is not None:
+            state["teacher"] = self.distiller.state()
+        if self.budgets:
+            state["budget_plan"] = self.budget_plan
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -356,6 +560,11 @@ class CheapConvCallback(Callback):
                 f"{self.targets}; the schedule follows this run's selection."
             )
         self._saved_optimizer_params = state_dict.get("optimizer_params")
+        if self.distiller is not None:
+            self.distiller.load_state(state_dict.get("teacher"))
+        choices = state_dict.get("budget_plan")
+        if self.budgets and choices is not None and self._trainer is not None and self.plan:
+            self._apply_choices(self._trainer.lightning_module, choices)  # the plan of the run that saved it
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         self._loaded_checkpoint = checkpoint  # its optimizer state is restored after on_fit_start

@@ -65,6 +65,24 @@ class GhostConvCallback(CheapConvCallback):
         verbose: 0 silent, 1 a line per stage and the report, 2 per-layer details.
         start_step, end_step: the schedule in optimizer steps (``trainer.global_step``) instead of epochs;
             give epochs or steps, not both. A stage the fit does not reach warns at the start of training.
+        target_macs, target_params: a budget, the fraction of the original model's MACs (per forward of the recorded
+            input) or parameters to keep, in ``(0, 1]``; ``target_latency_ms``: the whole model's latency in ms on a
+            recorded training batch (its device and batch size). With any of them, per-layer ratios ``s`` are planned by
+            :func:`lightning_cheapconv.plan_budget` (``methods=("ghost",)``, among the selected layers; layers the plan
+            keeps dense are skipped) when the first stage starts, on the first recorded training batch (so the first
+            stage runs on a training batch, not in setup), on rank 0, and broadcast; the plan (:attr:`budget_plan`)
+            lives in the callback state, so a resumed run continues with it. A budget that cannot be met is refused,
+            naming the smallest reachable value, before anything changes: at setup when ``example_input_array`` is set,
+            else at the first stage.
+        distill: distil from the network as it was right before the first conversion (a frozen copy in eval mode, kept
+            in the callback state) for the rest of fit: each converted layer's output is matched to the original layer's
+            output on the same input (``‖s - t‖² / ‖t‖²``), and with ``distill_logits`` the network's output (``T² ·
+            KL``, Hinton et al. 2015); the gradient enters the backward pass through tensor hooks, scaled as Lightning
+            scales the loss (AMP, accumulation), so ``training_step`` stays as it is. Logged as ``train/distill``. See
+            :mod:`lightning_cheapconv.callbacks.distill`.
+        distill_weight: weight of the distillation terms, > 0.
+        distill_logits: also distil the logits (``forward`` must return a tensor of class scores, classes on dim 1).
+        distill_temperature: ``T`` of the logit term, > 0.
 
     Raises:
         MisconfigurationException: an argument out of its range (the message names it, its value and the range);
@@ -75,6 +93,9 @@ class GhostConvCallback(CheapConvCallback):
 
         trainer = Trainer(max_epochs=20, callbacks=[GhostConvCallback(ratio=2, stages=2, end_epoch=4)])
         trainer.fit(model, datamodule=dm)
+
+        # half the MACs, per-layer plan, distilled from the network before conversion
+        callback = GhostConvCallback(start_epoch=2, target_macs=0.5, distill=True, distill_logits=True)
     """
 
     method = "ghost"
@@ -97,9 +118,23 @@ class GhostConvCallback(CheapConvCallback):
         verbose: int = 1,
         start_step: int | None = None,
         end_step: int | None = None,
+        target_macs: float | None = None,
+        target_params: float | None = None,
+        target_latency_ms: float | None = None,
+        distill: bool = False,
+        distill_weight: float = 1.0,
+        distill_logits: bool = False,
+        distill_temperature: float = 4.0,
     ) -> None:
         super().__init__(include, exclude, skip_first, skip_last, order, verbose)
         who, error = type(self).__name__, MisconfigurationException
+        self._init_budget(target_macs, target_params, target_latency_ms)
+        self._init_distill(distill, distill_weight, distill_logits, distill_temperature)
+        if self.budgets and dw_size != 3:
+            raise MisconfigurationException(
+                f"{who}: dw_size={dw_size!r} is out of range with a budget ({self._budget_arguments()}); budget plans "
+                "use d=3, valid value is 3"
+            )
         self.ratio = check_int("ratio", ratio, 2, owner=who, error=error)
         self.dw_size = check_int("dw_size", dw_size, 1, odd=True, owner=who, error=error)
         self.init = check_choice("init", init, ("inherit", "random"), owner=who, error=error)
@@ -117,6 +152,7 @@ class GhostConvCallback(CheapConvCallback):
         self.start_step, self.end_step = start_step, end_step
         self.fit_errors: dict[str, float | None] = {}
         self._pending: list[str] = []
+        self.ratios: dict[str, int] = {}  # per-layer s from a budget plan
 
     # -- selection ------------------------------------------------------------------------------
     def _select(self, pl_module: LightningModule) -> list[LayerPlan]:
@@ -133,10 +169,23 @@ class GhostConvCallback(CheapConvCallback):
         )
 
     def _make_cheap_twin(self, name: str, layer: nn.Module) -> nn.Module:
-        return ghost_from_conv(layer, self.ratio, self.dw_size, "random", name=name)[0]
+        return ghost_from_conv(layer, self.ratio_for(name), self.dw_size, "random", name=name)[0]
+
+    def ratio_for(self, name: str) -> int:
+        """``s`` of layer ``name``: the budget plan's, else ``ratio``."""
+        return self.ratios.get(name, self.ratio)
+
+    def _set_choice(self, name: str, choice: dict[str, Any]) -> None:
+        self.ratios[name] = int(choice["ratio"])
+
+    def _calls_needed(self) -> int:
+        """Training forwards to record before the next conversion: ``calibration_batches``, and at least one for a
+        budget plan still to make."""
+        planning = bool(self.budgets) and self.budget_plan is None
+        return max(self.calibration_batches, 1 if planning else 0)
 
     def _calibration_wanted(self) -> int:
-        return self.calibration_batches if self._pending else 0
+        return self._calls_needed() if self._pending else 0
 
     def _integer_buffers(self) -> bool:
         return self.init == "inherit"  # the inherited channel order, GhostConv2d.output_index
@@ -149,13 +198,17 @@ class GhostConvCallback(CheapConvCallback):
         self._setup_plan(trainer, pl_module)
         self.fit_errors = {n: None for n in self.done}
         self._pending = []
+        self.ratios, self.budget_plan = {}, None
+        if self.distiller is not None:
+            self.distiller.load_state(None)  # a new fit: the network before this fit's first conversion teaches
         if not self.todo:
             return
         self._build_schedule(self.start, self.end, self.stages)
         assert self.schedule is not None
-        mid_fit = self.schedule.last_epoch > 0 or self.calibration_batches > 0
+        mid_fit = self.schedule.last_epoch > 0 or self._calls_needed() > 0
         check_strategy(trainer, type(self).__name__, changes_mid_fit=mid_fit)
-        if self.schedule.epochs[0] == 0 and self.calibration_batches == 0:
+        self._check_budget_at_setup(pl_module)
+        if self.schedule.epochs[0] == 0 and self._calls_needed() == 0:
             # Before DDP wrapping and configure_optimizers: plain module surgery, any strategy.
             self._convert(trainer, pl_module, list(self.schedule.due_at(0)), "setup", mid_fit=False)
 
@@ -172,15 +225,16 @@ class GhostConvCallback(CheapConvCallback):
         if self.schedule is None or self.unit != "epoch":
             return
         self._pending, self._calls = self._due(trainer, pl_module), []
-        if self._pending and self.calibration_batches == 0:
+        if self._pending and self._calls_needed() == 0:
             self._convert(trainer, pl_module, self._pending, f"epoch {trainer.current_epoch}", mid_fit=True)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int):
         if self.schedule is not None and self.unit == "step" and not self._pending:
             self._pending, self._calls = self._due(trainer, pl_module), []
-        if self._pending and len(self._calls) >= self.calibration_batches:
+        if self._pending and len(self._calls) >= self._calls_needed():
             self._convert(trainer, pl_module, self._pending, self._when(trainer), mid_fit=True)
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)  # records calls for calibration
+        self._start_distilling(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._pending and self.unit == "epoch":  # the epoch had fewer batches than calibration_batches
@@ -191,9 +245,16 @@ class GhostConvCallback(CheapConvCallback):
         self, trainer: Trainer, pl_module: LightningModule, names: list[str], when: str, mid_fit: bool
     ) -> None:
         names = self._skip_reused(pl_module, names)
+        if names and self.budgets and self.budget_plan is None:
+            example = self._calls[0] if self._calls else self._example
+            self._plan_budget(trainer, pl_module, example, f"{when} (first stage)")
+            due = self.schedule.due_by(self._now(trainer)) if self.schedule is not None else ()
+            cheap = self._cheap_now(pl_module)
+            names = self._skip_reused(pl_module, [n for n in due if n in self.todo and n not in cheap])
         if not names:
             self._pending, self._calls = [], []
             return
+        self._snapshot_teacher(trainer, pl_module)
         inputs: dict[str, Tensor] = {}
         calls = [call.to(pl_module.device) for call in self._calls]
         if calls and self.init == "inherit":
@@ -202,7 +263,7 @@ class GhostConvCallback(CheapConvCallback):
         errors: dict[str, float | None] = {}
         for name in names:
             old = pl_module.get_submodule(name)
-            new, error = ghost_from_conv(old, self.ratio, self.dw_size, self.init, inputs.get(name), name)
+            new, error = ghost_from_conv(old, self.ratio_for(name), self.dw_size, self.init, inputs.get(name), name)
             new.train(old.training)
             # Rank 0's fit (its calibration data, its numerics) on every rank. Its channel assignment
             # first: an identity assignment stores no ``output_index`` buffer, so ranks whose fits

@@ -77,6 +77,25 @@ class StructuredConvCallback(CheapConvCallback):
         verbose: 0 silent, 1 summary and report, 2 per-layer details.
         project_start_step, project_end_step: the projection window in optimizer steps (``trainer.global_step``)
             instead of epochs, one stage per step until every layer is projected; epochs or steps, not both.
+        target_macs, target_params: a budget, the fraction of the original model's MACs (per forward of the recorded
+            input) or parameters to keep, in ``(0, 1]``; ``target_latency_ms``: the whole model's latency in ms on a
+            recorded training batch (its device and batch size). With any of them, per-layer hidden sizes ``(c, n)``
+            (``channel_ratio``/``kernel_reduction`` then unused) are planned by :func:`lightning_cheapconv.plan_budget`
+            (``methods=("structured",)``, among the selected layers; layers the plan keeps dense are skipped) after the
+            first training batch, on its recorded input (regularization, the first phase, needs each layer's structure;
+            that first step is not regularized), on rank 0, and broadcast; the plan (:attr:`budget_plan`) lives in the
+            callback state, so a resumed run continues with it. A budget that cannot be met is refused, naming the
+            smallest reachable value, before anything changes: at setup when ``example_input_array`` is set, else after
+            the first training batch.
+        distill: distil from the network as it was right before the first projection stage (a frozen copy in eval mode,
+            kept in the callback state) for the rest of fit: each converted layer's output is matched to the original
+            layer's output on the same input (``‖s - t‖² / ‖t‖²``), and with ``distill_logits`` the network's output
+            (``T² · KL``, Hinton et al. 2015); the gradient enters the backward pass through tensor hooks, scaled as
+            Lightning scales the loss (AMP, accumulation), so ``training_step`` stays as it is. Logged as
+            ``train/distill``. See :mod:`lightning_cheapconv.callbacks.distill`.
+        distill_weight: weight of the distillation terms, > 0.
+        distill_logits: also distil the logits (``forward`` must return a tensor of class scores, classes on dim 1).
+        distill_temperature: ``T`` of the logit term, > 0.
 
     Raises:
         MisconfigurationException: an argument out of its range (the message names it, its value and the range);
@@ -86,6 +105,9 @@ class StructuredConvCallback(CheapConvCallback):
 
         trainer = Trainer(max_epochs=30, callbacks=[StructuredConvCallback(channel_ratio=0.5)])
         trainer.fit(model, datamodule=dm)   # model ends decomposed; the report shows the savings
+
+        # half the MACs, per-layer plan, distilled from the network before conversion
+        callback = StructuredConvCallback(target_macs=0.5, distill=True, distill_logits=True)
     """
 
     method = "structured"
@@ -111,9 +133,18 @@ class StructuredConvCallback(CheapConvCallback):
         verbose: int = 1,
         project_start_step: int | None = None,
         project_end_step: int | None = None,
+        target_macs: float | None = None,
+        target_params: float | None = None,
+        target_latency_ms: float | None = None,
+        distill: bool = False,
+        distill_weight: float = 1.0,
+        distill_logits: bool = False,
+        distill_temperature: float = 4.0,
     ) -> None:
         super().__init__(include, exclude, skip_first, skip_last, project_order, verbose, "project_order")
         who, error = type(self).__name__, MisconfigurationException
+        self._init_budget(target_macs, target_params, target_latency_ms)
+        self._init_distill(distill, distill_weight, distill_logits, distill_temperature)
         check_finite_number("channel_ratio", channel_ratio, 0.0, 1.0, exclusive_minimum=True, owner=who, error=error)
         if kernel_size is None:
             check_int("kernel_reduction", kernel_reduction, 0, owner=who, error=error)
@@ -161,10 +192,24 @@ class StructuredConvCallback(CheapConvCallback):
         except ValueError as err:
             raise MisconfigurationException(f"StructuredConvCallback: {err}") from err
 
+    def _set_choice(self, name: str, choice: dict[str, Any]) -> None:
+        self.specs[name] = StructureSpec(int(choice["channels"]), tuple(int(n) for n in choice["kernel_size"]))
+
+    def _calibration_wanted(self) -> int:
+        return 1 if self.budgets and self.budget_plan is None else 0  # the first training forward plans the budget
+
+    def _distilled_layers(self, pl_module: LightningModule) -> list[str]:
+        return sorted(set(self.projected) | self._cheap_now(pl_module))
+
     def _make_cheap_twin(self, name: str, layer: nn.Module) -> nn.Module:
-        spec = self.specs[name] = structure_spec_for(
-            layer, self.channel_ratio, self.kernel_reduction, self.kernel_size, name
-        )
+        choice = (self.budget_plan or {}).get(name)
+        if choice is not None and choice["method"] == "structured":
+            self._set_choice(name, choice)
+            spec = self.specs[name]
+        else:
+            spec = self.specs[name] = structure_spec_for(
+                layer, self.channel_ratio, self.kernel_reduction, self.kernel_size, name
+            )
         if isinstance(layer, nn.Conv2d):
             return StructuredConv2d(
                 layer.in_channels,
@@ -191,6 +236,9 @@ class StructuredConvCallback(CheapConvCallback):
             return
         check_strategy(trainer, type(self).__name__, changes_mid_fit=False)
         self.specs = {}
+        self.budget_plan = None
+        if self.distiller is not None:
+            self.distiller.load_state(None)  # a new fit: the network before this fit's first projection teaches
         self._setup_plan(trainer, pl_module)  # builds each target's cheap twin, and with it self.specs
         self.schedule = None
         window = self._projection_window(trainer)
@@ -200,6 +248,7 @@ class StructuredConvCallback(CheapConvCallback):
         self.projected = set()
         self._last_projected_step = -1
         self.layer_residuals, self.decomposition_error = {}, None  # nothing left from an earlier fit
+        self._check_budget_at_setup(pl_module)
 
     def _projection_window(self, trainer: Trainer) -> tuple[int, int] | None:
         """First and last projection stage, in :attr:`unit`: given, or 50% and 75% of ``max_epochs`` (epochs),
@@ -257,6 +306,8 @@ class StructuredConvCallback(CheapConvCallback):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        if self.budgets and self.budget_plan is None:
+            return  # no structure to regularize toward before the budget plan (made after the first training batch)
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
         weight = self.current_reg_weight(trainer.current_epoch)
         scale = self._loss_scale_left(trainer, optimizer)
@@ -318,6 +369,7 @@ class StructuredConvCallback(CheapConvCallback):
         due = [n for n in self.schedule.due_by(self._now(trainer)) if n not in self.projected and n in self.todo]
         due = self._skip_reused(pl_module, due)
         if due:
+            self._snapshot_teacher(trainer, pl_module)
             self._start_projecting(pl_module, due, self._when(trainer))
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -328,6 +380,7 @@ class StructuredConvCallback(CheapConvCallback):
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if self.unit == "step":
             self._project_due(trainer, pl_module)
+        self._start_distilling(trainer, pl_module)
 
     def _start_projecting(self, pl_module: LightningModule, names: Sequence[str], when: str) -> None:
         moved = self._residuals(pl_module, names)
@@ -344,6 +397,11 @@ class StructuredConvCallback(CheapConvCallback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.budgets and self.budget_plan is None and self.todo:
+            example = self._calls[0] if self._calls else self._example
+            self._calls = []
+            self._plan_budget(trainer, pl_module, example, f"{self._when(trainer)} (first training batch)")
         # Project after every optimizer step (global_step counts them), not after every micro-batch.
         if self.projected and trainer.global_step != self._last_projected_step:
             self._project(pl_module, sorted(self.projected))

@@ -1,0 +1,131 @@
+"""Budgets in the callbacks (``target_macs``/``target_params``): the plan made on a recorded training batch, met when
+counted independently after fit, carried in the callback state across a resume, refused when unreachable with the
+model unchanged, and identical on 2 DDP ranks (tests/scripts/ddp_budget.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning_fabric.utilities.exceptions import MisconfigurationException
+from nets import USER_TARGETS, run_script, user_trainer
+from torch import nn
+
+from lightning_cheapconv import GhostConv2d, GhostConvCallback, StructuredConv2d, StructuredConvCallback
+from lightning_cheapconv.complexity import count_complexity
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
+    pytest.mark.filterwarnings("ignore:.*smaller than the logging interval.*"),
+    pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*"),
+    pytest.mark.filterwarnings("ignore:.*The dirpath has changed.*"),
+    pytest.mark.usefixtures("one_thread"),
+]
+
+SHAPE = (1, 3, 8, 8)
+
+
+def macs(model: nn.Module) -> int:
+    return count_complexity(model, input_shape=SHAPE).macs
+
+
+@pytest.mark.parametrize(
+    ("make", "kind", "key"),
+    [
+        (lambda: GhostConvCallback(start_epoch=1, verbose=0, target_macs=0.6), GhostConv2d, "macs"),
+        (lambda: GhostConvCallback(verbose=0, target_params=0.6, stages=2, end_epoch=1), GhostConv2d, "params"),
+        (lambda: StructuredConvCallback(verbose=0, target_macs=0.6), StructuredConv2d, "macs"),
+    ],
+    ids=["ghost-macs", "ghost-params-staged", "structured-macs"],
+)
+def test_budget_met_counted_independently(project: Any, make: Any, kind: type, key: str) -> None:
+    project.lp.seed_everything(0)
+    model = project.Model(scheduler="none")
+    before = count_complexity(model, input_shape=SHAPE)
+    callback = make()
+    trainer = user_trainer(project.lp, max_epochs=3, callbacks=[callback])
+    trainer.fit(model, datamodule=project.DataModule())
+    after = count_complexity(model, input_shape=SHAPE)
+    fraction = getattr(after, key) / getattr(before, key)
+    assert fraction <= 0.6 + 1e-9
+    assert callback.budget_plan is not None and set(callback.budget_plan) == set(USER_TARGETS)
+    converted = {n for n, c in callback.budget_plan.items() if c["method"] != "dense"}
+    assert converted and {n for n in USER_TARGETS if isinstance(model.get_submodule(n), kind)} == converted
+    assert callback.todo == [n for n in USER_TARGETS if n in converted]
+    if kind is GhostConv2d:
+        assert {n: model.get_submodule(n).ratio for n in converted} == {
+            n: callback.budget_plan[n]["ratio"] for n in converted
+        }
+
+
+def test_infeasible_budget_refused_at_the_first_stage_model_unchanged(project: Any) -> None:
+    project.lp.seed_everything(0)
+    model = project.Model(scheduler="none")
+    callback = GhostConvCallback(start_epoch=1, verbose=0, target_macs=0.05)
+    trainer = user_trainer(project.lp, max_epochs=3, callbacks=[callback])
+    with pytest.raises(MisconfigurationException, match=r"macs=0.05 cannot be met: the smallest reachable value is"):
+        trainer.fit(model, datamodule=project.DataModule())
+    assert all(type(model.get_submodule(n)) is nn.Conv2d for n in USER_TARGETS)
+
+
+def test_infeasible_budget_refused_at_setup_with_example_input(project: Any) -> None:
+    project.lp.seed_everything(0)
+    model = project.Model(scheduler="none")
+    model.example_input_array = torch.zeros(SHAPE)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    callback = StructuredConvCallback(verbose=0, target_params=0.01)
+    trainer = user_trainer(project.lp, max_epochs=1, callbacks=[callback])
+    with pytest.raises(MisconfigurationException, match=r"at setup: .*params=0.01 cannot be met.*smallest reachable"):
+        trainer.fit(model, datamodule=project.DataModule())
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_budget_arguments_refused() -> None:
+    with pytest.raises(MisconfigurationException, match=r"target_macs=1.5 .*valid range"):
+        GhostConvCallback(target_macs=1.5)
+    with pytest.raises(MisconfigurationException, match=r"target_latency_ms=0 .*valid range"):
+        StructuredConvCallback(target_latency_ms=0)
+    with pytest.raises(MisconfigurationException, match=r"dw_size=5 .*budget"):
+        GhostConvCallback(target_macs=0.5, dw_size=5)
+
+
+def test_resume_mid_planned_schedule_equals_uninterrupted(project: Any, tmp_path: Path) -> None:
+    def run(root: Path, ckpt_path: str | None = None) -> tuple[Any, GhostConvCallback]:
+        project.lp.seed_everything(0)
+        model = project.Model(scheduler="none")
+        callback = GhostConvCallback(stages=2, start_epoch=1, end_epoch=2, verbose=0, target_macs=0.5)
+        checkpoint = project.lp.callbacks.ModelCheckpoint(
+            dirpath=root, filename="{epoch}", save_top_k=-1, every_n_epochs=1
+        )
+        trainer = user_trainer(
+            project.lp, max_epochs=3, deterministic=True, callbacks=[callback, checkpoint], enable_checkpointing=True
+        )
+        trainer.fit(model, datamodule=project.DataModule(), ckpt_path=ckpt_path)
+        return model, callback
+
+    model_a, callback_a = run(tmp_path / "a")
+    assert len(callback_a.schedule.groups) == 2  # a stage before the checkpoint, one after
+    ckpt = tmp_path / "a" / "epoch=1.ckpt"
+    model_b, callback_b = run(tmp_path / "b", ckpt_path=str(ckpt))
+    assert callback_b.budget_plan == callback_a.budget_plan
+    assert callback_b.schedule == callback_a.schedule
+    a, b = model_a.state_dict(), model_b.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_ddp_plan_identical_on_two_ranks(tmp_path: Path) -> None:
+    done = run_script("ddp_budget.py", str(tmp_path), "pytorch_lightning", timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    for mode in ("ghost", "structured"):
+        ranks = [json.loads((tmp_path / f"{mode}_rank{r}.json").read_text()) for r in (0, 1)]
+        assert ranks[0]["world_size"] == 2
+        assert ranks[0]["plan"] == ranks[1]["plan"] and ranks[0]["plan"]
+        assert ranks[0]["sha256"] == ranks[1]["sha256"]
+        assert ranks[0]["macs_fraction"] <= 0.6 + 1e-9
+        assert ranks[0]["distill"] > 0
