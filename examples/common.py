@@ -143,12 +143,12 @@ def make_model(args: argparse.Namespace, num_classes: int) -> ImageClassifier:
     )
 
 
-def make_trainer(args: argparse.Namespace, callback: Any) -> Any:
-    """A Trainer of the package ``--lightning`` names."""
+def make_trainer(args: argparse.Namespace, callback: Any, monitor: str = "val/acc") -> Any:
+    """A Trainer of the package ``--lightning`` names, keeping the checkpoint with the highest ``monitor``."""
     pl = lightning_package(args)
     distributed = args.devices > 1 or args.num_nodes > 1
     checkpoint = pl.callbacks.ModelCheckpoint(
-        dirpath=args.output / "checkpoints", monitor="val/acc", mode="max", save_last=True, filename="{epoch}"
+        dirpath=args.output / "checkpoints", monitor=monitor, mode="max", save_last=True, filename="{epoch}"
     )
     return pl.Trainer(
         accelerator=args.accelerator,

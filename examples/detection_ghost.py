@@ -313,29 +313,6 @@ def make_loaders(args: argparse.Namespace) -> tuple[DataLoader, DataLoader, Data
     return loader(sets[0], shuffle=True), loader(sets[1]), loader(sets[2])
 
 
-def make_trainer(args: argparse.Namespace, callback: GhostConvCallback) -> Any:
-    pl = common.lightning_package(args)
-    distributed = args.devices > 1 or args.num_nodes > 1
-    checkpoint = pl.callbacks.ModelCheckpoint(
-        dirpath=args.output / "checkpoints", monitor="val/map", mode="max", save_last=True, filename="{epoch}"
-    )
-    return pl.Trainer(
-        accelerator=args.accelerator,
-        devices=args.devices,
-        num_nodes=args.num_nodes,
-        strategy="ddp" if distributed else "auto",
-        precision=args.precision,
-        sync_batchnorm=args.sync_batchnorm,
-        max_epochs=args.epochs,
-        fast_dev_run=args.fast_dev_run,
-        limit_train_batches=args.limit_batches,
-        limit_val_batches=args.limit_batches,
-        callbacks=[callback, checkpoint, pl.callbacks.LearningRateMonitor()],
-        logger=pl.loggers.CSVLogger(args.output, name="logs"),
-        log_every_n_steps=10,
-    )
-
-
 def layer_kinds(model: Any, callback: GhostConvCallback) -> dict[str, Any]:
     """Which layers ended up Ghost modules, their mean inheritance fit error (relative, on calibration activations or
     in kernel space; None with ``--init random``), and the type of each prediction layer (they must stay dense)."""
@@ -380,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
         stages=args.stages,
         verbose=args.verbose,
     )
-    trainer = make_trainer(args, callback)
+    trainer = common.make_trainer(args, callback, monitor="val/map")
     backbone_before = backbone_cost(model)
     trainer.fit(model, train_dataloaders=train, val_dataloaders=val)
     backbone_after = backbone_cost(model)
