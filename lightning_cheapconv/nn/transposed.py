@@ -206,10 +206,28 @@ def _dense_for_record(dims: int, record: dict) -> nn.Module:
     return _CONV_TRANSPOSE[dims](**kwargs, device="meta")
 
 
-class _StructuredConvTransposeNd(StructureRecordMixin, nn.Module):
-    """Dimension-generic structured transposed conv; the public classes fix ``_dims`` (see the module docstring)."""
+class _ReplacesConvTranspose:
+    """What the transposed cheap modules share: the dimension ``_dims`` (fixed by each public class) and the dense
+    ``nn.ConvTranspose{d}d`` they replace."""
 
     _dims: ClassVar[int] = 2
+
+    @classmethod
+    def dense_layer_for(cls, record: dict) -> nn.Module:
+        """The ``nn.ConvTranspose{d}d`` (on the meta device: nothing allocated) that a module with this (trusted)
+        structure record replaced: what :func:`~lightning_cheapconv.checkpoint.restructure` rebuilds where a
+        checkpoint holds dense weights.
+
+        Example::
+
+            >>> StructuredConvTranspose2d.dense_layer_for(StructuredConvTranspose2d(4, 2, 3).structure_record())
+            ConvTranspose2d(4, 2, kernel_size=(3, 3), stride=(1, 1))
+        """
+        return _dense_for_record(cls._dims, record)
+
+
+class _StructuredConvTransposeNd(_ReplacesConvTranspose, StructureRecordMixin, nn.Module):
+    """Dimension-generic structured transposed conv; the public classes fix ``_dims`` (see the module docstring)."""
 
     def __init__(
         self,
@@ -392,19 +410,6 @@ class _StructuredConvTransposeNd(StructureRecordMixin, nn.Module):
         return adds + window_sum_additions(padded, windows[0], others=batch * self.groups * math.prod(sizes))
 
     @classmethod
-    def dense_layer_for(cls, record: dict) -> nn.Module:
-        """The ``nn.ConvTranspose{d}d`` (on the meta device: nothing allocated) that a module with this (trusted)
-        structure record replaced: what :func:`~lightning_cheapconv.checkpoint.restructure` rebuilds where a
-        checkpoint holds dense weights.
-
-        Example::
-
-            >>> StructuredConvTranspose2d.dense_layer_for(StructuredConvTranspose2d(4, 2, 3).structure_record())
-            ConvTranspose2d(4, 2, kernel_size=(3, 3), stride=(1, 1))
-        """
-        return _dense_for_record(cls._dims, record)
-
-    @classmethod
     def from_dense(
         cls,
         conv: nn.Module,
@@ -519,14 +524,13 @@ class StructuredConvTranspose3d(_StructuredConvTransposeNd):
     _dims = 3
 
 
-class _GhostConvTransposeNd(StructureRecordMixin, nn.Module):
+class _GhostConvTransposeNd(_ReplacesConvTranspose, StructureRecordMixin, nn.Module):
     """Dimension-generic Ghost transposed conv; the public classes fix ``_dims`` and ``_name``.
 
     The output-index rules, the state check and the concatenation are :class:`GhostConv2d`'s own methods (borrowed,
     not copied: they read only ``out_channels``, ``ratio``, ``intrinsic_channels``, ``output_index`` and ``_name``).
     """
 
-    _dims: ClassVar[int] = 2
     _name: ClassVar[str] = "GhostConvTranspose2d"
 
     # TorchScript compiles a module's properties; forward does not use these two.
@@ -605,19 +609,6 @@ class _GhostConvTransposeNd(StructureRecordMixin, nn.Module):
     def forward(self, x: Tensor, output_size: Optional[list[int]] = None) -> Tensor:  # noqa: UP045
         intrinsic = self.primary_conv(x, output_size)
         return self._assemble(intrinsic, self.cheap_operation(intrinsic))
-
-    @classmethod
-    def dense_layer_for(cls, record: dict) -> nn.Module:
-        """The ``nn.ConvTranspose{d}d`` (on the meta device: nothing allocated) that a module with this (trusted)
-        structure record replaced: what :func:`~lightning_cheapconv.checkpoint.restructure` rebuilds where a
-        checkpoint holds dense weights.
-
-        Example::
-
-            >>> GhostConvTranspose2d.dense_layer_for(GhostConvTranspose2d(4, 2, 3).structure_record())
-            ConvTranspose2d(4, 2, kernel_size=(3, 3), stride=(1, 1))
-        """
-        return _dense_for_record(cls._dims, record)
 
     @classmethod
     def from_dense(
