@@ -19,7 +19,8 @@ demo: venv
 test: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -m slow  # the breadth suite's big models, in their own step
 
 bench: venv
 	$(BIN)/pip install -q -e '.[dev,bench]'
