@@ -16,6 +16,7 @@ from .complexity import Complexity, LayerComplexity, compression_ratios, count_c
 from .convert import ConversionResult, convert_to_ghost, decompose_structured, select_layers
 from .data import CIFAR10DataModule, DigitsDataModule, ImageNetDataModule
 from .deploy import InferenceReport, compile_for_inference, export_model, fold_batchnorm, optimize_for_inference
+from .heads import find_prediction_layers
 from .models import CifarResNet, CifarVGG, GhostNet, get_model, list_models
 from .module import ImageClassifier
 from .nn import (
@@ -23,9 +24,19 @@ from .nn import (
     CReLU,
     DepthwiseSeparableConv2d,
     GhostBottleneck,
+    GhostConv1d,
     GhostConv2d,
+    GhostConv3d,
+    GhostConvTranspose1d,
+    GhostConvTranspose2d,
+    GhostConvTranspose3d,
     SqueezeExcite,
+    StructuredConv1d,
     StructuredConv2d,
+    StructuredConv3d,
+    StructuredConvTranspose1d,
+    StructuredConvTranspose2d,
+    StructuredConvTranspose3d,
     StructuredLinear,
 )
 from .report import compression_report
@@ -46,8 +57,13 @@ __all__ = [
     "DepthwiseSeparableConv2d",
     "DigitsDataModule",
     "GhostBottleneck",
+    "GhostConv1d",
     "GhostConv2d",
+    "GhostConv3d",
     "GhostConvCallback",
+    "GhostConvTranspose1d",
+    "GhostConvTranspose2d",
+    "GhostConvTranspose3d",
     "GhostNet",
     "ImageClassifier",
     "ImageNetDataModule",
@@ -55,8 +71,13 @@ __all__ = [
     "LayerComplexity",
     "SqueezeExcite",
     "StructureSpec",
+    "StructuredConv1d",
     "StructuredConv2d",
+    "StructuredConv3d",
     "StructuredConvCallback",
+    "StructuredConvTranspose1d",
+    "StructuredConvTranspose2d",
+    "StructuredConvTranspose3d",
     "StructuredLinear",
     "compile_for_inference",
     "compress_to_budget",
@@ -66,6 +87,7 @@ __all__ = [
     "count_complexity",
     "decompose_structured",
     "export_model",
+    "find_prediction_layers",
     "fold_batchnorm",
     "format_count",
     "get_model",

@@ -322,6 +322,13 @@ def restructure(model: nn.Module, state_dict: Mapping[str, Any], strict: bool = 
     return changes
 
 
+def _restructure_hook(
+    module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *_: Any
+) -> None:  # module level, so that a model holding it pickles (torch.save(model))
+    own = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    restructure(module, own, strict=False)
+
+
 def install_restructure_hook(model: nn.Module) -> RemovableHandle | None:
     """Make ``model.load_state_dict`` call :func:`restructure` first (a load-state-dict pre-hook).
 
@@ -338,11 +345,6 @@ def install_restructure_hook(model: nn.Module) -> RemovableHandle | None:
     installed = getattr(model, _HOOK_FLAG, None)
     if installed is not None and installed in model._load_state_dict_pre_hooks:
         return None
-
-    def hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        own = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        restructure(module, own, strict=False)
-
-    handle = model.register_load_state_dict_pre_hook(hook)
+    handle = model.register_load_state_dict_pre_hook(_restructure_hook)
     object.__setattr__(model, _HOOK_FLAG, handle.id)
     return handle

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,11 +31,19 @@ from .nn import (
     GhostConv1d,
     GhostConv2d,
     GhostConv3d,
+    GhostConvTranspose1d,
+    GhostConvTranspose2d,
+    GhostConvTranspose3d,
     StructuredConv1d,
     StructuredConv2d,
     StructuredConv3d,
+    StructuredConvTranspose1d,
+    StructuredConvTranspose2d,
+    StructuredConvTranspose3d,
     StructuredLinear,
 )
+from .nn.record import conv_config
+from .nn.transposed import transpose_config
 from .reuse import evaluating, find_weight_reuse, module_names, run_example
 from .structure import StructureSpec, check_structure_ratios, spec_from_ratios, structural_residual
 from .validation import (
@@ -56,6 +65,12 @@ __all__ = [
     "ghost_from_conv",
     "structured_from_dense",
     "structure_spec_for",
+    "structured_like",
+    "fits_on_activations",
+    "DENSE_TYPES",
+    "GHOST_TYPES",
+    "STRUCTURED_TYPES",
+    "CHEAP_TYPES",
     "convert_to_ghost",
     "decompose_structured",
     "capture_inputs",
@@ -145,16 +160,78 @@ class ConversionResult:
         return "\n".join(lines)
 
 
-# The dense convs that convert, and the cheap module each becomes (one spatial dimension fewer or more than 2-d).
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_GHOSTS = {nn.Conv1d: GhostConv1d, nn.Conv2d: GhostConv2d, nn.Conv3d: GhostConv3d}
-_STRUCTURED = {nn.Conv1d: StructuredConv1d, nn.Conv2d: StructuredConv2d, nn.Conv3d: StructuredConv3d}
+# The dense convs that convert, and the cheap module each becomes (one spatial dimension fewer or more than 2-d;
+# transposed convs: nn.ConvTranspose2d is no nn.Conv2d, both are torch's _ConvNd).
+_PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_CONVS = (*_PLAIN_CONVS, *_TRANSPOSED)
+_GHOSTS = {
+    nn.Conv1d: GhostConv1d,
+    nn.Conv2d: GhostConv2d,
+    nn.Conv3d: GhostConv3d,
+    nn.ConvTranspose1d: GhostConvTranspose1d,
+    nn.ConvTranspose2d: GhostConvTranspose2d,
+    nn.ConvTranspose3d: GhostConvTranspose3d,
+}
+_STRUCTURED = {
+    nn.Conv1d: StructuredConv1d,
+    nn.Conv2d: StructuredConv2d,
+    nn.Conv3d: StructuredConv3d,
+    nn.ConvTranspose1d: StructuredConvTranspose1d,
+    nn.ConvTranspose2d: StructuredConvTranspose2d,
+    nn.ConvTranspose3d: StructuredConvTranspose3d,
+}
 _CHEAP = (*_GHOSTS.values(), *_STRUCTURED.values(), StructuredLinear)
+
+DENSE_TYPES: tuple[type[nn.Module], ...] = (*_CONVS, nn.Linear)
+"""The layer types the conversions replace: ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` and ``nn.Linear``
+(structured only)."""
+GHOST_TYPES: tuple[type[nn.Module], ...] = tuple(_GHOSTS.values())
+"""What :func:`convert_to_ghost` makes: ``GhostConv1d/2d/3d`` and ``GhostConvTranspose1d/2d/3d``."""
+STRUCTURED_TYPES: tuple[type[nn.Module], ...] = (*_STRUCTURED.values(), StructuredLinear)
+"""What :func:`decompose_structured` makes: ``StructuredConv1d/2d/3d``, ``StructuredConvTranspose1d/2d/3d`` and
+``StructuredLinear``."""
+CHEAP_TYPES: tuple[type[nn.Module], ...] = (*GHOST_TYPES, *STRUCTURED_TYPES)
+"""Every cheap layer type a conversion makes (their parts are no candidates of :func:`select_layers`)."""
 
 
 def _conv_base(conv: nn.Module) -> type[nn.Module]:
-    """``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Conv3d``: the plain conv class ``conv`` is (or derives from)."""
+    """The plain conv class ``conv`` is (or derives from): ``nn.Conv1d/2d/3d`` or ``nn.ConvTranspose1d/2d/3d``."""
     return next(base for base in _CONVS if isinstance(conv, base))
+
+
+def _is_transposed(layer: nn.Module) -> bool:
+    return isinstance(layer, _TRANSPOSED)
+
+
+@functools.cache
+def _base_attributes(base: type[nn.Module]) -> frozenset[str]:
+    return frozenset(vars(base(1, 1, 1, device="meta")))
+
+
+def _plain_subclass(module: nn.Module) -> bool:
+    """A subclass of a conv that computes what its base computes and holds nothing more: it overrides neither
+    ``forward`` nor ``_conv_forward``, and its instance has no attribute, parameter, buffer or child the base's has
+    not (torchvision's ``Conv3DSimple`` in ``r3d_18``, which only adds a static method). It converts like the plain
+    conv; ``nn.Linear`` subclasses never do."""
+    if not isinstance(module, _CONVS):
+        return False
+    base = _conv_base(module)
+    same = all(getattr(type(module), f) is getattr(base, f) for f in ("forward", "_conv_forward"))
+    own = {n for n, _ in module.named_parameters(recurse=False)} | {n for n, _ in module.named_buffers(recurse=False)}
+    return same and own <= {"weight", "bias"} and not module._modules and set(vars(module)) <= _base_attributes(base)
+
+
+def fits_on_activations(layer: nn.Module) -> bool:
+    """Whether :func:`ghost_from_conv` can fit ``layer``'s Ghost weights on its real input (a calibration batch):
+    plain convs yes; transposed convs no, they inherit in kernel space (:mod:`lightning_cheapconv.nn.transposed`).
+
+    Example::
+
+        >>> fits_on_activations(nn.Conv1d(4, 8, 3)), fits_on_activations(nn.ConvTranspose2d(4, 8, 2))
+        (True, False)
+    """
+    return isinstance(layer, _PLAIN_CONVS)
 
 
 def _matches(names: Sequence[str], patterns: tuple[str, ...]) -> bool:
@@ -166,6 +243,8 @@ def _is_depthwise(conv: nn.Conv2d) -> bool:
 
 
 def _ghost_skip_reason(conv: nn.Conv2d, ratio: int, dw_size: int) -> str | None:
+    if _is_transposed(conv) and conv.groups > 1:
+        return f"grouped transposed conv (groups={conv.groups}); a Ghost primary transposed conv is dense"
     if _is_depthwise(conv):
         return "depthwise conv (already cheap)"
     if conv.groups > 1:
@@ -178,6 +257,8 @@ def _ghost_skip_reason(conv: nn.Conv2d, ratio: int, dw_size: int) -> str | None:
 
 
 def _ghost_params(conv: nn.Conv2d, ratio: int, dw_size: int) -> int:
+    """Parameters of the Ghost module replacing ``conv`` (any dimension, transposed too): a primary conv of ``m``
+    filters over all input channels, ``m·(ratio-1)`` depthwise kernels of ``dw_size`` per side."""
     m = -(-conv.out_channels // ratio)
     taps = 1
     for side in conv.kernel_size:
@@ -197,26 +278,74 @@ def structure_spec_for(
     kernel_size: int | tuple[int, int] | None = None,
     name: str = "layer",
 ) -> StructureSpec:
-    """The hidden sizes a Conv2d (Conv1d, Conv3d; per group) or Linear gets from the ratios (see
-    :func:`spec_from_ratios`).
+    """The hidden sizes a Conv2d (Conv1d, Conv3d, ConvTranspose1d/2d/3d; per group) or Linear gets from the ratios
+    (see :func:`spec_from_ratios`).
+
+    The structured block of a conv is one output channel's ``(C_in/groups, K...)``; of a transposed conv, one input
+    channel's ``(C_out/groups, K...)`` (its weight is stored ``(C_in, C_out/groups, K...)``; see
+    :mod:`lightning_cheapconv.nn.transposed`), so ``channel_ratio`` scales ``C_out/groups`` there.
 
     Raises:
-        ValueError: naming ``name`` for a layer that is neither, or the ratio out of range.
+        ValueError: naming ``name`` for a layer that is none of these, or the ratio out of range.
+
+    Example::
+
+        >>> structure_spec_for(nn.ConvTranspose2d(16, 8, 4, stride=2), channel_ratio=0.5)
+        StructureSpec(channels=4, kernel_size=(3, 3))
     """
-    if isinstance(layer, _CONVS):
-        shape = (layer.in_channels // layer.groups, *layer.kernel_size)
-    elif isinstance(layer, nn.Linear):
-        shape = (layer.in_features,)
-    else:
-        raise ValueError(
-            f"{name}: expected nn.Conv2d or nn.Linear (or nn.Conv1d, nn.Conv3d), got {type(layer).__name__}"
-        )
+    shape = _structured_block(layer, name)
     return spec_from_ratios(shape, channel_ratio, kernel_reduction, kernel_size, layer=name)
+
+
+def _structured_block(layer: nn.Module, name: str) -> tuple[int, ...]:
+    """The shape of the block that a structure spec describes: ``(C_in/groups, K...)`` for a conv,
+    ``(C_out/groups, K...)`` for a transposed conv, ``(in_features,)`` for a Linear."""
+    if _is_transposed(layer):
+        return (layer.out_channels // layer.groups, *layer.kernel_size)
+    if isinstance(layer, _CONVS):
+        return (layer.in_channels // layer.groups, *layer.kernel_size)
+    if isinstance(layer, nn.Linear):
+        return (layer.in_features,)
+    raise ValueError(
+        f"{name}: expected nn.Conv2d or nn.Linear (or nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d/2d/3d), "
+        f"got {type(layer).__name__}"
+    )
+
+
+def structured_like(
+    layer: nn.Module,
+    spec: StructureSpec,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """A freshly initialized structured layer of ``layer``'s configuration with hidden sizes ``spec`` (no weights
+    read: ``layer`` may live on the meta device): ``StructuredConv{d}d``, ``StructuredConvTranspose{d}d`` or
+    ``StructuredLinear``. :func:`structured_from_dense` makes the one with ``layer``'s projected weights.
+
+    Raises:
+        ValueError: for a layer of another type, or ``spec`` out of range for it.
+
+    Example::
+
+        >>> structured_like(nn.Conv1d(8, 8, 3), StructureSpec(4, (2,)))
+        StructuredConv1d(8, 8, kernel_size=(3,), stride=(1,), hidden_channels=4, hidden_kernel_size=(2,))
+    """
+    factory = {"device": device, "dtype": dtype}
+    hidden = {"hidden_channels": spec.channels, "hidden_kernel_size": spec.kernel_size}
+    if _is_transposed(layer):
+        return _STRUCTURED[_conv_base(layer)](**transpose_config(layer), **hidden, **factory)
+    if isinstance(layer, _CONVS):
+        return _STRUCTURED[_conv_base(layer)](**conv_config(layer), **hidden, **factory)
+    if isinstance(layer, nn.Linear):
+        return StructuredLinear(layer.in_features, layer.out_features, layer.bias is not None, spec.channels, **factory)
+    raise ValueError(
+        f"structured_like: expected nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d or nn.Linear, got {type(layer).__name__}"
+    )
 
 
 def _structured_skip_reason(layer: nn.Module, spec: StructureSpec) -> str | None:
     if isinstance(layer, _CONVS):
-        full = (layer.in_channels // layer.groups, *layer.kernel_size)
+        full = _structured_block(layer, "layer")
         if all(side == 1 for side in layer.kernel_size) and spec.channels == full[0]:
             ones = "x".join("1" * len(layer.kernel_size))
             return f"{ones} conv: no spatial structure, and channel_ratio=1.0 leaves channels whole"
@@ -245,10 +374,11 @@ def select_layers(
 ) -> list[LayerPlan]:
     """Plan which layers of ``model`` a method converts, and why each other candidate is skipped.
 
-    Candidates are ``nn.Conv2d`` layers (and ``nn.Linear`` with ``linear=True``, structured only)
-    in registration order. Defaults follow the papers: the first conv (the stem) and the prediction
-    layers are kept; Ghost skips depthwise and grouped convs; structured skips 1x1 convs unless
-    ``channel_ratio < 1``.
+    Candidates are ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d`` layers (and ``nn.Linear`` with
+    ``linear=True``, structured only) in registration order; the layers inside cheap modules (a Ghost module's
+    primary conv, say) are parts of them, not candidates. Defaults follow the papers: the first conv (the stem) and
+    the prediction layers are kept; Ghost skips depthwise and grouped convs (transposed ones too); structured skips
+    1x1 convs unless ``channel_ratio < 1``. Every skipped candidate is listed with its reason.
 
     Prediction layers are every conv/linear layer whose output no other conv/linear layer reads (a
     classifier's last layer; each head's output convs in a detector or segmenter, e.g. Faster R-CNN's
@@ -321,7 +451,7 @@ def select_layers(
 
         if not isinstance(module, kinds):
             continue
-        if type(module) not in (*_CONVS, nn.Linear):
+        if type(module) not in (*_CONVS, nn.Linear) and not _plain_subclass(module):
             base = next(t for t in kinds if isinstance(module, t)).__name__
             skip(f"subclass {kind} of nn.{base} may change forward(); only plain layers convert")
             continue
@@ -409,28 +539,50 @@ def ghost_from_conv(
     name: str = "conv",
 ) -> tuple[GhostConv2d | GhostConv1d | GhostConv3d, float | None]:
     """Build the conv-only :class:`GhostConv2d` that replaces ``conv``; returns it and its fit error
-    (:class:`GhostConv1d`/:class:`GhostConv3d` for an ``nn.Conv1d``/``nn.Conv3d``).
+    (:class:`GhostConv1d`/:class:`GhostConv3d` for an ``nn.Conv1d``/``nn.Conv3d``, ``GhostConvTranspose{d}d`` for an
+    ``nn.ConvTranspose{d}d``).
 
     ``init="inherit"`` maps the trained filters onto the Ghost module (DESIGN.md section 3):
     ``m`` filters become the primary conv unchanged, the others are fitted as depthwise ghosts,
     in kernel space or, given ``calibration_input`` (this layer's input, ``(B, C_in, H, W)``), on real
-    activations; the original output channel order is kept. ``init="random"`` starts from fresh weights
+    activations; the original output channel order is kept. A transposed conv inherits in kernel space only
+    (:meth:`GhostConvTranspose2d.from_dense`; :func:`fits_on_activations` says which layers take
+    ``calibration_input``), and its error is then ``None``. ``init="random"`` starts from fresh weights
     (then neither the weights nor ``calibration_input`` are read). The new parameters take
     ``requires_grad`` from ``conv``'s (a frozen conv gives a frozen Ghost module).
 
     Raises:
         ValueError: naming ``name`` for a conv that cannot become a Ghost module (depthwise, grouped, too few
-            channels), NaN/inf weights or calibration input when inheriting, or an argument out of range.
+            channels), NaN/inf weights or calibration input when inheriting, ``calibration_input`` for a transposed
+            conv, or an argument out of range.
+
+    Example::
+
+        >>> ghost, error = ghost_from_conv(nn.ConvTranspose1d(16, 8, 4, stride=2, padding=1))
+        >>> type(ghost).__name__
+        'GhostConvTranspose1d'
     """
     ratio, dw_size = check_ghost_sizes(ratio, dw_size, name)
     check_choice("init", init, ("inherit", "random"), owner=name)
     if not isinstance(conv, _CONVS):
-        raise ValueError(f"{name}: expected nn.Conv2d (or nn.Conv1d, nn.Conv3d), got {type(conv).__name__}")
+        raise ValueError(
+            f"{name}: expected nn.Conv2d (or nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d/2d/3d), got {type(conv).__name__}"
+        )
     if calibration_input is not None and init == "random":
         raise ValueError(f"{name}: calibration_input is only read with init='inherit'; valid with 'random': None")
+    if calibration_input is not None and not fits_on_activations(conv):
+        raise ValueError(
+            f"{name}: calibration_input is not read for a {type(conv).__name__} (transposed convs inherit in kernel "
+            "space); valid: None"
+        )
     reason = _ghost_skip_reason(conv, ratio, dw_size)
     if reason is not None:
         raise ValueError(f"{name}: cannot convert to Ghost: {reason}")
+    if _is_transposed(conv):
+        if init == "inherit":
+            check_finite_tensor(f"{name}.weight", conv.weight)
+        ghost = _GHOSTS[_conv_base(conv)].from_dense(conv, ratio, dw_size, init, name)
+        return ghost, None
     weight = conv.weight
     try:
         ghost = _GHOSTS[_conv_base(conv)](
@@ -481,23 +633,23 @@ def ghost_from_conv(
 
 
 def structured_from_dense(layer: nn.Module, spec: StructureSpec, name: str = "layer") -> tuple[nn.Module, float]:
-    """Project and decompose a Conv2d/Linear (or Conv1d, Conv3d); returns the new layer and the relative
-    projection residual.
+    """Project and decompose a Conv2d/Linear (or Conv1d, Conv3d, ConvTranspose1d/2d/3d); returns the new layer and
+    the relative projection residual (of each transposed conv's input-channel block, :func:`structure_spec_for`).
 
     The new parameters take ``requires_grad`` from ``layer``'s (a frozen layer stays frozen).
 
     Raises:
         ValueError: naming ``name`` for another layer type, NaN/inf weights, or a ``spec`` out of range.
+
+    Example::
+
+        >>> up = nn.ConvTranspose2d(16, 8, 4, stride=2, padding=1)
+        >>> new, residual = structured_from_dense(up, structure_spec_for(up, channel_ratio=0.5))
+        >>> type(new).__name__
+        'StructuredConvTranspose2d'
     """
     check_instance(f"{name}: spec", spec, StructureSpec)
-    if isinstance(layer, _CONVS):
-        spec.validate((layer.in_channels // layer.groups, *layer.kernel_size), layer=name)
-    elif isinstance(layer, nn.Linear):
-        spec.validate((layer.in_features,), layer=name)
-    else:
-        raise ValueError(
-            f"{name}: expected nn.Conv2d or nn.Linear (or nn.Conv1d, nn.Conv3d), got {type(layer).__name__}"
-        )
+    spec.validate(_structured_block(layer, name), layer=name)
     check_finite_tensor(f"{name}.weight", layer.weight)
     if layer.bias is not None:
         check_finite_tensor(f"{name}.bias", layer.bias)
@@ -512,8 +664,11 @@ def structured_from_dense(layer: nn.Module, spec: StructureSpec, name: str = "la
 
 
 def _macs_per_position(module: nn.Module) -> int:
+    """Multiplications per output position of a conv (per *input* position of a transposed conv: its weight is read
+    once per input position), without borders; a Ghost transposed conv's depthwise conv runs on the output, which
+    has ``prod(stride)`` positions per input position."""
     if isinstance(module, _CONVS):
-        return module.weight.numel()  # out · in/groups · kernel taps
+        return module.weight.numel()  # out · in/groups · kernel taps (transposed: in · out/groups · taps)
     if isinstance(module, nn.Linear):
         return module.in_features * module.out_features
     if isinstance(module, tuple(_STRUCTURED.values())):
@@ -521,7 +676,8 @@ def _macs_per_position(module: nn.Module) -> int:
     if isinstance(module, StructuredLinear):
         return module.weight.numel()
     if isinstance(module, tuple(_GHOSTS.values())):
-        return _macs_per_position(module.primary) + module.cheap.weight.numel()
+        upsampling = math.prod(module.primary.stride) if _is_transposed(module.primary) else 1
+        return _macs_per_position(module.primary) + module.cheap.weight.numel() * upsampling
     raise TypeError(type(module).__name__)
 
 
@@ -744,6 +900,9 @@ def _check_calibration(model: nn.Module, calibration: Tensor | None, owner: str)
         run_example(model, calibration, f"{owner}: calibration")
 
 
+_NO_LAYERS = "the model has no conv layers (Conv1d/2d/3d, ConvTranspose1d/2d/3d)"
+
+
 def _require_targets(
     plan: list[LayerPlan], owner: str, include: tuple[str, ...] | None, exclude: tuple[str, ...] | None
 ) -> None:
@@ -753,10 +912,10 @@ def _require_targets(
         shown = ", ".join(p.name for p in plan[:8]) + (", ..." if len(plan) > 8 else "")
         raise ValueError(
             f"{owner}: include pattern(s) {unmatched} match no candidate layer; patterns are globs on qualified "
-            f"layer names (candidates: {shown or 'none, the model has no Conv2d layers'})"
+            f"layer names (candidates: {shown or 'none, ' + _NO_LAYERS})"
         )
     if not any(p.action == "convert" for p in plan):
-        reasons = "; ".join(f"{p.name}: {p.reason}" for p in plan) or "the model has no Conv2d layers"
+        reasons = "; ".join(f"{p.name}: {p.reason}" for p in plan) or _NO_LAYERS
         raise ValueError(
             f"{owner}: no layer matches the selection (include={include!r}, exclude={exclude!r}): {reasons}"
         )
@@ -797,11 +956,13 @@ def convert_to_ghost(
     """Replace the selected convs of ``model`` by conv-only :class:`GhostConv2d` modules, in place.
 
     From Han et al., GhostNet (CVPR 2020). The host network's BatchNorm and activation stay where
-    they are. With ``init="inherit"`` (default) the trained filters are mapped onto each Ghost
-    module (kernel-space least squares, or on real activations when ``calibration`` — a batch of
-    *model* inputs — is given). With ``calibration`` and ``recalibrate_bn`` the BatchNorm statistics
-    are then re-estimated on it (:func:`recalibrate_batchnorm`): on a trained ResNet-20 (digits) that
-    took the accuracy right after conversion from 16% to 52% (random init: 11%). New parameters keep
+    they are. ``nn.Conv1d``/``nn.Conv3d`` become :class:`GhostConv1d`/:class:`GhostConv3d` and transposed convs
+    ``GhostConvTranspose{d}d`` (grouped transposed convs are skipped, with the reason). With ``init="inherit"``
+    (default) the trained filters are mapped onto each Ghost module (kernel-space least squares, or on real
+    activations when ``calibration`` — a batch of *model* inputs — is given; transposed convs are fitted in kernel
+    space either way, and their change's detail says so). With ``calibration`` and ``recalibrate_bn`` the
+    BatchNorm statistics are then re-estimated on it (:func:`recalibrate_batchnorm`): on a trained ResNet-20
+    (digits) that took the accuracy right after conversion from 16% to 52% (random init: 11%). New parameters keep
     the ``requires_grad`` of the layer they replace. Layers whose weights are used outside them are
     skipped (see :func:`select_layers`), and so are the stem and the prediction layers (every head's output
     layers; ``skip_first``, ``skip_prediction``, ``skip_last`` as in :func:`select_layers`), found on
@@ -847,11 +1008,17 @@ def convert_to_ghost(
         )
     _require_targets(_check_plan(model, plan, owner), owner, include_p, exclude_p)
     targets = [p.name for p in plan if p.action == "convert"]
-    inputs = capture_inputs(model, calibration, targets) if calibration is not None and init == "inherit" else {}
+    fitted = [name for name in targets if fits_on_activations(model.get_submodule(name))]
+    inputs = capture_inputs(model, calibration, fitted) if calibration is not None and init == "inherit" else {}
 
     def build(name: str, old: nn.Module) -> tuple[nn.Module, float | None, str]:
         new, error = ghost_from_conv(old, ratio, dw_size, init, inputs.get(name), name)
-        return new, error, f"s={ratio}, d={dw_size}, init={init}"
+        detail = f"s={ratio}, d={dw_size}, init={init}"
+        if init == "inherit" and not fits_on_activations(old):
+            detail += ", kernel-space fit" + (
+                ": transposed convs are not fitted on the calibration batch" if calibration is not None else ""
+            )
+        return new, error, detail
 
     return _convert(model, "ghost", plan, build, calibration if recalibrate_bn else None, owner, progress)
 
@@ -875,7 +1042,10 @@ def decompose_structured(
 ) -> ConversionResult:
     """Project the selected layers onto structured kernels and replace them by their decomposed form.
 
-    From Bhalgat et al., NeurIPS 2020. Hidden sizes come from ``channel_ratio`` (``c = C·ratio``)
+    From Bhalgat et al., NeurIPS 2020. Every conv type converts: ``nn.Conv1d/2d/3d`` into
+    ``StructuredConv{d}d``, ``nn.ConvTranspose{d}d`` into ``StructuredConvTranspose{d}d`` (its structure is on each
+    input channel's ``(C_out/groups, K...)`` block, so ``c`` counts output channels per group there: see
+    :func:`structure_spec_for`). Hidden sizes come from ``channel_ratio`` (``c = C·ratio``)
     and ``kernel_reduction`` (``n = k - reduction``) or ``kernel_size``, or per layer from
     ``specs`` (qualified name -> :class:`StructureSpec`). Each change reports the relative
     projection residual ``‖W - PW‖/‖W‖`` (how far the weights moved; 0 if already structured).

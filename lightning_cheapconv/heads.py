@@ -41,7 +41,8 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from .calls import ModelCall, as_calls, tensors_in
-from .nn import DepthwiseSeparableConv2d, GhostConv2d, StructuredConv2d, StructuredLinear
+from .nn import DepthwiseSeparableConv2d, FoldedBatchNorm
+from .nn.record import StructureRecordMixin
 from .reuse import _reads_metadata, evaluating, module_names
 from .validation import check_instance
 
@@ -50,9 +51,7 @@ __all__ = ["LAYER_TYPES", "find_prediction_layers"]
 LAYER_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.conv._ConvNd,
     nn.Linear,
-    GhostConv2d,
-    StructuredConv2d,
-    StructuredLinear,
+    StructureRecordMixin,  # every cheap module (Ghost, structured, fused; any dimension, transposed too)
     DepthwiseSeparableConv2d,
 )
 
@@ -64,7 +63,7 @@ def _layers(model: nn.Module) -> dict[str, nn.Module]:
     for name, module in model.named_modules():
         if inside and name.startswith(inside):
             continue
-        if isinstance(module, LAYER_TYPES):
+        if isinstance(module, LAYER_TYPES) and not isinstance(module, FoldedBatchNorm):  # an identity
             found[name] = module
             inside += (name + ".",)
     return found

@@ -4,11 +4,15 @@ For every model and method: the conversion keeps each head's prediction layers d
 converted model runs forward and backward in train and eval mode, and a fresh model restructured from its state dict
 (``restructure(fresh, state); fresh.load_state_dict(state)``) gives the same outputs. Inputs are small (64x64, the
 detectors' transforms resized to 64; SSDLite's is fixed at 320). The big models are marked ``slow``: run
-``pytest -m "not slow"`` for the quick part.
+``pytest -m "not slow"`` for the quick part. :func:`test_every_conv_type` does the same for models built from the
+other conv types (a U-Net with ConvTranspose2d, a Conv1d audio net, r3d_18), with each converted layer's MACs against
+a hand formula.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,10 +24,24 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from lightning_cheapconv import convert_to_ghost, decompose_structured, restructure
+from lightning_cheapconv import convert_to_ghost, count_complexity, decompose_structured, restructure
 from lightning_cheapconv.calls import tensors_in
 from lightning_cheapconv.inherit import fit_ghost_from_kernels
-from lightning_cheapconv.nn import GhostConv2d, StructuredConv2d, StructuredLinear
+from lightning_cheapconv.nn import (
+    GhostConv1d,
+    GhostConv2d,
+    GhostConv3d,
+    GhostConvTranspose1d,
+    GhostConvTranspose2d,
+    GhostConvTranspose3d,
+    StructuredConv1d,
+    StructuredConv2d,
+    StructuredConv3d,
+    StructuredConvTranspose1d,
+    StructuredConvTranspose2d,
+    StructuredConvTranspose3d,
+    StructuredLinear,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -188,3 +206,107 @@ def test_dilated_kernel_fit_equals_the_spread_kernels(stride: int, dilation: int
     grouped = weight.reshape(1, -1, 3, 3)
     torch.testing.assert_close(_correlations(grouped, weight, 2, conv.stride, conv.dilation, groups=10)[0], auto)
     assert fit_ghost_from_kernels(conv, 2, 3).relative_error < 1.0
+
+
+# ------------------------------------------------------------------------------------------------ every conv type
+
+
+@dataclass
+class NdCase:
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+    predictions: tuple[str, ...]
+    marks: list[Any] = field(default_factory=list)
+
+
+def _nd_cases() -> dict[str, NdCase]:
+    from test_conv_types import UNet, audio_net, video_net
+
+    return {
+        "unet_conv_transpose2d": NdCase(UNet, (2, 3, 16, 16), ("head",)),
+        "conv1d_audio": NdCase(audio_net, (2, 1, 256), ("12",)),
+        # r3d_18's convs are torchvision's Conv3DSimple (an nn.Conv3d with a static method): they convert.
+        "r3d_18": NdCase(video_net, (1, 3, 4, 32, 32), ("fc",), marks=slow),
+    }
+
+
+ND_CASES = _nd_cases()
+
+
+def _hand_macs(module: nn.Module, x: Tensor, y: Tensor) -> int:
+    """MACs of one cheap layer by hand, from its input ``x`` and output ``y`` (batch included)."""
+    batch, inputs, outputs = x.shape[0], math.prod(x.shape[2:]), math.prod(y.shape[2:])
+    if isinstance(module, (GhostConv1d, GhostConv2d, GhostConv3d)):
+        m, s, taps = module.intrinsic_channels, module.ratio, math.prod(module.primary.kernel_size)
+        return batch * outputs * m * (module.in_channels * taps + (s - 1) * module.dw_size ** (x.dim() - 2))
+    if isinstance(module, (GhostConvTranspose1d, GhostConvTranspose2d, GhostConvTranspose3d)):
+        m, s, taps = module.intrinsic_channels, module.ratio, math.prod(module.primary.kernel_size)
+        # the primary transposed conv reads each input position once; the depthwise conv runs on the output
+        return batch * (
+            inputs * module.in_channels * m * taps + outputs * m * (s - 1) * module.dw_size ** (x.dim() - 2)
+        )
+    if isinstance(module, (StructuredConv1d, StructuredConv2d, StructuredConv3d)):
+        per_group = module.in_channels // module.groups
+        assert module.hidden_channels <= per_group
+        return batch * outputs * module.out_channels * module.hidden_channels * math.prod(module.hidden_kernel_size)
+    if isinstance(module, (StructuredConvTranspose1d, StructuredConvTranspose2d, StructuredConvTranspose3d)):
+        return batch * inputs * module.in_channels * module.hidden_channels * math.prod(module.hidden_kernel_size)
+    raise AssertionError(type(module).__name__)
+
+
+@pytest.mark.parametrize("method", sorted(CONVERSIONS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=c.marks) for n, c in ND_CASES.items()])
+def test_every_conv_type(name: str, method: str) -> None:
+    """A U-Net with ConvTranspose2d, a Conv1d audio net and r3d_18 (Conv3d): the same checks as
+    :func:`test_any_cnn`, and each converted layer's MACs (``count_complexity``) against a hand formula."""
+    case = ND_CASES[name]
+    torch.manual_seed(0)
+    model = case.build().eval()
+    x = torch.rand(*case.input_shape, generator=torch.Generator().manual_seed(1))
+    result = CONVERSIONS[method](model, example_input=x[:1], progress=False)
+    assert result.changes, result
+    kept = {p.name: p.reason for p in result.plan if p.action == "skip"}
+    for layer in case.predictions:
+        kept_layer = model.get_submodule(layer)
+        assert type(kept_layer) in (nn.Conv2d, nn.Linear), layer
+        assert kept.get(layer, "prediction layer, kept") == "prediction layer, kept", layer
+    kinds = {type(model.get_submodule(c.name)) for c in result.changes}
+    if name.startswith("unet"):
+        assert kinds & {GhostConvTranspose2d, StructuredConvTranspose2d}
+    if name == "r3d_18":
+        assert len(result.changes) == 19  # every conv but the stem
+
+    # Counts: every converted layer against its hand formula, at the layer's own input.
+    seen: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def note(module: nn.Module, args: tuple, output: Tensor, name: str) -> None:
+        seen.setdefault(name, (args[0], output))
+
+    handles = [
+        model.get_submodule(c.name).register_forward_hook(functools.partial(note, name=c.name)) for c in result.changes
+    ]
+    complexity = count_complexity(model, example_input=x)
+    for handle in handles:
+        handle.remove()
+    rows = complexity.by_name()
+    for change in result.changes:
+        layer = model.get_submodule(change.name)
+        assert rows[change.name].macs == _hand_macs(layer, *seen[change.name]), change.name
+        assert rows[change.name].params == sum(p.numel() for p in layer.parameters())
+
+    with torch.no_grad():
+        expected = model(x)
+    torch.manual_seed(0)
+    fresh = case.build().eval()
+    state = model.state_dict()
+    restructure(fresh, state)
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), expected)
+
+    for training in (False, True):
+        model.zero_grad()
+        model.train(training)
+        model(x).float().pow(2).mean().backward()
+        grads = [p.grad for c in result.changes for p in model.get_submodule(c.name).parameters()]
+        assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)

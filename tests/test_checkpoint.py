@@ -355,6 +355,16 @@ def test_install_restructure_hook_makes_load_state_dict_work():
     assert torch.equal(_out(model), _out(dense))
 
 
+def test_a_model_with_the_hook_pickles_and_keeps_it(tmp_path):
+    """torch.save(model) after a fit (the callbacks install the hook) used to fail on a local closure."""
+    model = _net(seed=1)
+    install_restructure_hook(model)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    loaded.load_state_dict(_ghost().state_dict())  # the hook came along
+    assert isinstance(loaded.body[0], GhostConv2d)
+
+
 def test_hook_on_a_submodule_uses_its_prefix():
     saved = nn.Sequential(_ghost())
     wrapper = nn.Sequential(_net(seed=1))

@@ -317,7 +317,10 @@ def test_default_skips():
 
 
 class _MyConv(nn.Conv2d):
-    pass
+    """A subclass with its own forward: converting it could lose what that forward does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2
 
 
 def test_linear_layers_structured_only():

@@ -142,16 +142,45 @@ def test_onnx_round_trip(model, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:.*is deprecated:FutureWarning", "ignore::torch.jit.TracerWarning")
-@pytest.mark.parametrize("fmt", ["torchscript", "exported_program"])
-def test_export_model_checks_its_file(fmt, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("fmt", "suffix"), [("torchscript", ".pt"), ("exported_program", ".pt2")])
+def test_export_model_checks_its_file(fmt, suffix, tmp_path, monkeypatch):
     model = mixed_resnet8()
     x = torch.randn(1, 3, 32, 32)
-    path = export_model(model, x, tmp_path / f"model.{fmt}", format=fmt)
+    path = export_model(model, x, tmp_path / f"model{suffix}", format=fmt)
     assert path.is_file()
     # A file whose outputs differ is reported, not silently written.
     monkeypatch.setattr(deploy_export, "_run_exported", lambda path, fmt, x: torch.zeros(1, 10))
     with pytest.raises(ExportMismatchError, match="differs from PyTorch"):
-        export_model(model, x, tmp_path / f"again.{fmt}", format=fmt)
+        export_model(model, x, tmp_path / f"again{suffix}", format=fmt)
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "match"),
+    [
+        ("model.pt", "onnx", r"suffix '\.pt' \(that suffix is for format='torchscript'\); format='onnx' writes \.onnx"),
+        ("model.tflite", "onnx", r"suffix '\.tflite'; format='onnx' writes \.onnx"),
+        ("model.onnx", "exported_program", r"that suffix is for format='onnx'"),
+    ],
+)
+def test_export_model_refuses_a_path_whose_suffix_names_another_format(name, fmt, match, tmp_path):
+    """export_model("model.pt") used to write ONNX into a file torch.jit.load then could not read."""
+    with pytest.raises(ValueError, match=match):
+        export_model(mixed_resnet8(), torch.randn(1, 3, 32, 32), tmp_path / name, format=fmt)
+    assert not (tmp_path / name).exists()
+
+
+@pytest.mark.parametrize(("fmt", "suffix"), [("onnx", ".onnx"), ("exported_program", ".pt2")])
+def test_export_model_with_a_dynamic_batch(fmt, suffix, tmp_path):
+    if fmt == "onnx":
+        pytest.importorskip("onnxscript")
+    model = mixed_resnet8()
+    path = export_model(model, torch.randn(2, 3, 32, 32), tmp_path / f"m{suffix}", format=fmt, dynamic_batch=True)
+    other = torch.randn(5, 3, 32, 32)
+    got = _onnx_outputs(path, other) if fmt == "onnx" else torch.export.load(str(path)).module()(other)
+    assert relative_difference(got, reference(model, other)) < RTOL
+    fixed = export_model(model, torch.randn(2, 3, 32, 32), tmp_path / f"fixed{suffix}", format=fmt)
+    with pytest.raises(Exception):  # noqa: B017 - each runtime raises its own type for a batch it was not made for
+        _onnx_outputs(fixed, other) if fmt == "onnx" else torch.export.load(str(fixed)).module()(other)
 
 
 def test_export_model_rejects_unknown_formats(tmp_path):

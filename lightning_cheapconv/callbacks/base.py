@@ -13,7 +13,7 @@ from .._lightning import Callback, LightningModule, MisconfigurationException, T
 from ..calls import ModelCall
 from ..checkpoint import install_restructure_hook
 from ..complexity import count_complexity
-from ..convert import PREDICTION_KEPT, LayerPlan
+from ..convert import DENSE_TYPES, PREDICTION_KEPT, LayerPlan
 from ..heads import find_prediction_layers
 from ..report import compression_report
 from ..reuse import find_weight_reuse
@@ -302,7 +302,7 @@ class CheapConvCallback(Callback):
             if p.action == "skip" and isinstance(pl_module.get_submodule(p.name), self.cheap_types)
         ]
         if not self.targets:
-            reasons = "; ".join(f"{p.name}: {p.reason}" for p in self.plan) or "the model has no Conv2d layers"
+            reasons = "; ".join(f"{p.name}: {p.reason}" for p in self.plan) or "the model has no conv layers"
             raise MisconfigurationException(
                 f"{who}: no layer of {type(pl_module).__name__} matches the selection "
                 f"(include={self.include!r}, exclude={self.exclude!r}): {reasons}"
@@ -515,8 +515,9 @@ class CheapConvCallback(Callback):
 
     @staticmethod
     def _dense(pl_module: LightningModule, names: Sequence[str]) -> list[str]:
-        """Those of ``names`` still plain ``nn.Conv2d``/``nn.Linear`` layers in the live model."""
-        return [n for n in names if isinstance(pl_module.get_submodule(n), (nn.Conv2d, nn.Linear))]
+        """Those of ``names`` still plain layers in the live model (``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``,
+        ``nn.Linear``: :data:`~lightning_cheapconv.convert.DENSE_TYPES`)."""
+        return [n for n in names if isinstance(pl_module.get_submodule(n), DENSE_TYPES)]
 
     def _cheap_now(self, pl_module: LightningModule) -> set[str]:
         """Target layers whose module is already in cheap form in the live model."""

@@ -52,6 +52,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..calls import ModelCall
 from ..checkpoint import restructure
+from ..convert import DENSE_TYPES
 from ..validation import check_bool, check_finite_number
 
 __all__ = ["Distiller", "feature_distill_loss", "logit_distill_loss", "check_distill_arguments"]
@@ -185,10 +186,11 @@ class Distiller:
             self.teacher.to(device=reference.device, dtype=reference.dtype)
 
     def teacher_layers(self, names: Sequence[str]) -> list[str]:
-        """Those of ``names`` that are plain ``nn.Conv2d``/``nn.Linear`` layers in the teacher (the original ones)."""
+        """Those of ``names`` that are plain layers in the teacher (the original ones: ``nn.Conv1d/2d/3d``,
+        ``nn.ConvTranspose1d/2d/3d``, ``nn.Linear``)."""
         if self.teacher is None:
             return []
-        return [n for n in names if isinstance(self.teacher.get_submodule(n), (nn.Conv2d, nn.Linear))]
+        return [n for n in names if isinstance(self.teacher.get_submodule(n), DENSE_TYPES)]
 
     # -- hooks ----------------------------------------------------------------------------------------------
     def attach(self, model: nn.Module, names: Sequence[str], factor: Callable[[], float]) -> None:

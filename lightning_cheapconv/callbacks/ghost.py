@@ -7,8 +7,16 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 from .._lightning import LightningModule, MisconfigurationException, Trainer, rank_zero_info, rank_zero_warn
-from ..convert import LayerPlan, capture_inputs, ghost_from_conv, recalibrate_batchnorm, replace_modules, select_layers
-from ..nn import GhostConv2d
+from ..convert import (
+    GHOST_TYPES,
+    LayerPlan,
+    capture_inputs,
+    fits_on_activations,
+    ghost_from_conv,
+    recalibrate_batchnorm,
+    replace_modules,
+    select_layers,
+)
 from ..validation import check_choice, check_int
 from .base import CheapConvCallback, Patterns
 from .schedule import Order, schedule_window
@@ -22,10 +30,13 @@ class GhostConvCallback(CheapConvCallback):
 
     From Han et al., "GhostNet: More Features from Cheap Operations", CVPR 2020. Each selected
     ``nn.Conv2d`` becomes a conv-only :class:`GhostConv2d` (the host network's BatchNorm and
-    activation stay), with ``ratio`` (s) and ``dw_size`` (d). With ``init="inherit"`` the trained
-    filters are mapped onto the Ghost module (``m = ceil(out/s)`` kept exactly, the others fitted
+    activation stay), with ``ratio`` (s) and ``dw_size`` (d); ``nn.Conv1d``/``nn.Conv3d`` become
+    ``GhostConv1d``/``GhostConv3d`` and ``nn.ConvTranspose{d}d`` ``GhostConvTranspose{d}d``
+    (:func:`~lightning_cheapconv.convert.select_layers` lists what is skipped and why). With ``init="inherit"``
+    the trained filters are mapped onto the Ghost module (``m = ceil(out/s)`` kept exactly, the others fitted
     as depthwise ghosts), by kernel-space least squares or, with ``calibration_batches > 0``, on
-    real activations of that many training batches (rank 0 fits; the result is broadcast).
+    real activations of that many training batches (rank 0 fits; the result is broadcast; transposed convs are
+    fitted in kernel space).
 
     Schedule: the selected layers are split into ``stages`` groups in ``order`` and converted at
     epochs spread evenly from ``start_epoch`` to ``end_epoch`` (default: one stage per epoch).
@@ -99,7 +110,7 @@ class GhostConvCallback(CheapConvCallback):
     """
 
     method = "ghost"
-    cheap_types = (GhostConv2d,)
+    cheap_types = GHOST_TYPES
 
     def __init__(
         self,
@@ -257,8 +268,9 @@ class GhostConvCallback(CheapConvCallback):
         self._snapshot_teacher(trainer, pl_module)
         inputs: dict[str, Tensor] = {}
         calls = [call.to(pl_module.device) for call in self._calls]
-        if calls and self.init == "inherit":
-            inputs = capture_inputs(pl_module, calls, names)
+        fitted = [n for n in names if fits_on_activations(pl_module.get_submodule(n))]  # transposed: kernel space
+        if calls and self.init == "inherit" and fitted:
+            inputs = capture_inputs(pl_module, calls, fitted)
         new_modules: dict[str, nn.Module] = {}
         errors: dict[str, float | None] = {}
         for name in names:

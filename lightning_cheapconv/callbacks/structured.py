@@ -18,10 +18,17 @@ from .._lightning import (
     rank_zero_warn,
 )
 from ..calls import ModelCall, tensors_in
-from ..convert import LayerPlan, decompose_structured, replace_modules, select_layers, structure_spec_for
-from ..nn import StructuredConv2d, StructuredLinear
-from ..structure import StructureSpec, project, structural_residual
-from ..validation import check_bool, check_finite_number, check_instance, check_int, check_int_pair
+from ..convert import (
+    STRUCTURED_TYPES,
+    LayerPlan,
+    decompose_structured,
+    replace_modules,
+    select_layers,
+    structure_spec_for,
+    structured_like,
+)
+from ..structure import StructureSpec, check_structure_ratios, project, structural_residual
+from ..validation import check_bool, check_finite_number, check_instance, check_int
 from .base import CheapConvCallback, Patterns, short_list
 from .schedule import Order, schedule_window
 from .surgery import check_strategy, swap_in_optimizers
@@ -47,7 +54,10 @@ class StructuredConvCallback(CheapConvCallback):
        every optimizer step from their stage on (projected SGD: same Parameters, so DDP,
        optimizers and checkpoints are untouched). After the last stage every kernel is exactly
        structured.
-    3. **Fit end**: layers become :class:`StructuredConv2d` / :class:`StructuredLinear`; the outputs
+    3. **Fit end**: layers become :class:`StructuredConv2d` / :class:`StructuredLinear` (``nn.Conv1d``/``nn.Conv3d``:
+       ``StructuredConv1d``/``StructuredConv3d``; ``nn.ConvTranspose{d}d``: ``StructuredConvTranspose{d}d``, whose
+       structure, regularized and projected like the others, is on each input channel's ``(C_out/groups, K...)``
+       block of the weight as stored); the outputs
        on a sample batch are checked against the projected model (max relative difference is
        printed and kept in ``decomposition_error``), a compression report is printed on rank 0, and
        the decomposed state dict is saved to ``export_path`` if set.
@@ -60,7 +70,8 @@ class StructuredConvCallback(CheapConvCallback):
         include, exclude: glob patterns on qualified layer names (``"backbone.layer1.*"``).
         channel_ratio: ``c / C`` per layer, in (0, 1]; 1.0 = spatial structure only.
         kernel_reduction: ``n = k - kernel_reduction`` (default 1: 3x3 -> 2x2); or give ``kernel_size``.
-        kernel_size: explicit ``n`` (an int or pair), clamped to each layer's kernel.
+        kernel_size: explicit ``n`` (an int or pair; a tuple of 1 or 3 for Conv1d or Conv3d layers), clamped to
+            each layer's kernel.
         linear: also structure ``nn.Linear`` layers (the classifier stays dense with ``skip_last``).
         reg_weight: λ, >= 0.
         reg_schedule: warm-up epochs (λ ramps linearly from 0 to ``reg_weight``), or a callable
@@ -111,7 +122,7 @@ class StructuredConvCallback(CheapConvCallback):
     """
 
     method = "structured"
-    cheap_types = (StructuredConv2d, StructuredLinear)
+    cheap_types = STRUCTURED_TYPES
 
     def __init__(
         self,
@@ -146,10 +157,10 @@ class StructuredConvCallback(CheapConvCallback):
         self._init_budget(target_macs, target_params, target_latency_ms)
         self._init_distill(distill, distill_weight, distill_logits, distill_temperature)
         check_finite_number("channel_ratio", channel_ratio, 0.0, 1.0, exclusive_minimum=True, owner=who, error=error)
-        if kernel_size is None:
-            check_int("kernel_reduction", kernel_reduction, 0, owner=who, error=error)
-        else:
-            check_int_pair("kernel_size", kernel_size, 1, owner=who, error=error)
+        try:
+            check_structure_ratios(channel_ratio, kernel_reduction, kernel_size, owner=who)
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from err
         check_finite_number("reg_weight", reg_weight, 0.0, owner=who, error=error)
         if not callable(reg_schedule):
             check_int("reg_schedule", reg_schedule, 0, owner=who, error=error)
@@ -210,21 +221,7 @@ class StructuredConvCallback(CheapConvCallback):
             spec = self.specs[name] = structure_spec_for(
                 layer, self.channel_ratio, self.kernel_reduction, self.kernel_size, name
             )
-        if isinstance(layer, nn.Conv2d):
-            return StructuredConv2d(
-                layer.in_channels,
-                layer.out_channels,
-                layer.kernel_size,
-                layer.stride,
-                layer.padding,
-                layer.dilation,
-                layer.groups,
-                layer.bias is not None,
-                layer.padding_mode,
-                hidden_channels=spec.channels,
-                hidden_kernel_size=spec.kernel_size,
-            )
-        return StructuredLinear(layer.in_features, layer.out_features, layer.bias is not None, spec.channels)
+        return structured_like(layer, spec)
 
     def _cheap_layers(self, pl_module: LightningModule) -> set[str]:
         return set(self.projected) | self._cheap_now(pl_module)

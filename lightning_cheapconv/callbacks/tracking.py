@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ..calls import ModelCall
 from ..checkpoint import dense_layer_for
 from ..complexity import Complexity, LayerComplexity, count_complexity
+from ..convert import DENSE_TYPES
 
 __all__ = ["CompressionTracker", "Cost"]
 
@@ -31,7 +32,7 @@ class Cost:
 
 def _dense_twin(layer: nn.Module) -> nn.Module:
     """A meta-device plain layer: a copy of ``layer``, or the layer that a cheap module replaced (from its record)."""
-    if isinstance(layer, (nn.Conv2d, nn.Linear)):
+    if isinstance(layer, DENSE_TYPES):
         return copy.deepcopy(layer).to("meta")
     return dense_layer_for(layer.structure_record())
 
@@ -56,7 +57,7 @@ class CompressionTracker:
         for name in targets:
             live = model.get_submodule(name)
             self.dense[name] = _dense_twin(live)
-            if isinstance(live, (nn.Conv2d, nn.Linear)):
+            if isinstance(live, DENSE_TYPES):
                 with torch.device("meta"):
                     self.cheap[name] = make_cheap(name, self.dense[name])
             else:

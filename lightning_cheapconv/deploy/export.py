@@ -12,6 +12,12 @@ from torch import Tensor, nn
 from ._utils import _require_close
 
 ExportFormat = Literal["onnx", "torchscript", "exported_program"]
+# The file suffixes each format is known by; a path with another format's suffix (or an unknown one) is refused.
+SUFFIXES: dict[str, tuple[str, ...]] = {
+    "onnx": (".onnx",),
+    "torchscript": (".pt", ".pth", ".ts", ".torchscript"),
+    "exported_program": (".pt2",),
+}
 
 
 class ExportMismatchError(ValueError):
@@ -37,6 +43,7 @@ def export_model(
     format: ExportFormat = "onnx",
     check: bool = True,
     rtol: float = 1e-4,
+    dynamic_batch: bool = False,
 ) -> Path:
     """Export a (converted or optimized) model in eval mode and check the file's outputs against PyTorch's.
 
@@ -47,6 +54,11 @@ def export_model(
     ``check`` the saved file is loaded, run on ``example_input`` and compared (relative
     difference, see :func:`relative_difference`, at most ``rtol``); a larger difference raises
     :class:`ExportMismatchError`.
+
+    Shapes are those of ``example_input``: an ONNX file or exported program takes that batch size only,
+    unless ``dynamic_batch=True`` (dimension 0 is then symbolic, and the check also runs a batch of one
+    more). The path's suffix must be one of the format's (:data:`SUFFIXES`, e.g. ``.onnx``, ``.pt``,
+    ``.pt2``), so that a file is what its name says; otherwise ``ValueError`` names both.
 
     Example::
 
@@ -59,15 +71,24 @@ def export_model(
         raise ValueError(
             f"export_model: format={format!r}; valid formats are 'onnx', 'torchscript', 'exported_program'"
         )
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES[format]:
+        meant = next((f for f, known in SUFFIXES.items() if suffix in known), None)
+        hint = f" (that suffix is for format={meant!r})" if meant else ""
+        raise ValueError(
+            f"export_model: path {str(path)!r} has suffix {suffix!r}{hint}; format={format!r} writes "
+            f"{' or '.join(SUFFIXES[format])}"
+        )
     model = model.eval()
     with torch.inference_mode():
         expected = model(example_input)
+    batch = {0: torch.export.Dim("batch")} if dynamic_batch else None
     if format == "torchscript":
         with torch.no_grad():
             traced = torch.jit.trace(model, (example_input,))
         traced.save(str(path))
     elif format == "exported_program":
-        program = torch.export.export(model, (example_input,))
+        program = torch.export.export(model, (example_input,), dynamic_shapes=(batch,) if batch else None)
         torch.export.save(program, str(path))
     else:
         try:
@@ -78,7 +99,10 @@ def export_model(
                 "export_model(format='onnx') needs onnx and onnxscript (and onnxruntime to check): "
                 "pip install 'lightning-cheapconv[export]'"
             ) from err
-        program = torch.onnx.export(model, (example_input,), dynamo=True, verbose=False, report=False)
+        shapes = (batch,) if batch else None
+        program = torch.onnx.export(
+            model, (example_input,), dynamo=True, verbose=False, report=False, dynamic_shapes=shapes
+        )
         program.save(str(path))
     if check:
         if format == "onnx":
@@ -86,8 +110,13 @@ def export_model(
                 import onnxruntime  # noqa: F401, PLC0415
             except ImportError:
                 return path
-        with torch.inference_mode():
-            got = _run_exported(path, format, example_input)
+        inputs = [example_input]
+        if dynamic_batch:
+            inputs.append(torch.cat([example_input, example_input[:1]]))
         what = f"export_model: the {format} export of {type(model).__name__} differs from PyTorch"
-        _require_close(got, expected, rtol, what, ExportMismatchError, f"; the file is at {path}")
+        for x in inputs:
+            with torch.inference_mode():
+                want = expected if x is example_input else model(x)
+                got = _run_exported(path, format, x)
+            _require_close(got, want, rtol, what, ExportMismatchError, f"; the file is at {path}")
     return path

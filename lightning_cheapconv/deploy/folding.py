@@ -20,7 +20,20 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.utils._pytree import tree_leaves
 
 from ..convert import replace_modules
-from ..nn import GhostConv2d, StructuredConv2d
+from ..nn import (
+    GhostConv1d,
+    GhostConv2d,
+    GhostConv3d,
+    GhostConvTranspose1d,
+    GhostConvTranspose2d,
+    GhostConvTranspose3d,
+    StructuredConv1d,
+    StructuredConv2d,
+    StructuredConv3d,
+    StructuredConvTranspose1d,
+    StructuredConvTranspose2d,
+    StructuredConvTranspose3d,
+)
 from ..nn.fused import FoldedBatchNorm, FusedConv2d, FusedGhostConv2d
 from ..nn.record import StructureRecordMixin, conv_config
 from ._utils import _device_dtype, _first_inputs, _forward, _like, _tolerance, _unique_modules, relative_difference
@@ -133,12 +146,49 @@ def _bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor
     return scale, shift
 
 
+_PLAIN_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
 def _foldable_bn(bn: nn.Module) -> str | None:
-    if not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) or type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
-        return f"{type(bn).__name__} is not a plain BatchNorm2d"
+    if type(bn) not in _PLAIN_NORMS:
+        return f"{type(bn).__name__} is not a plain BatchNorm (BatchNorm1d/2d/3d, SyncBatchNorm)"
     if bn.running_mean is None or bn.running_var is None:
         return "the BatchNorm keeps no running statistics (it normalizes with batch statistics)"
     return None
+
+
+def _fused_weights(conv: nn.Module, bn: nn.Module, transpose: bool = False) -> tuple[Tensor, Tensor]:
+    """The folded weight and bias in float64 (:func:`torch.nn.utils.fusion.fuse_conv_bn_weights`, any dimension;
+    ``transpose``: the output channels are the weight's dim 1)."""
+    return fuse_conv_bn_weights(
+        conv.weight.detach().double(),
+        None if conv.bias is None else conv.bias.detach().double(),
+        bn.running_mean.double(),
+        bn.running_var.double(),
+        bn.eps,
+        None if bn.weight is None else bn.weight.detach().double(),
+        None if bn.bias is None else bn.bias.detach().double(),
+        transpose=transpose,
+    )
+
+
+def _fuse_plain_nd(conv: nn.Module, bn: nn.Module) -> tuple[nn.Module | None, str]:
+    """A plain ``nn.Conv1d``/``nn.Conv3d``/``nn.ConvTranspose{d}d`` with a bias takes the BatchNorm into its own
+    weight and bias (same type: a fresh model's layer has that bias too, so the state dict still restructures).
+    Without a bias the fold would add one, which only :class:`FusedConv2d` records (a ``FusedConv1d``/``3d`` or
+    transposed form does not exist)."""
+    kind = type(conv).__name__
+    if conv.bias is None:
+        return None, (
+            f"{kind} without bias: the folded bias needs a fused {kind} with a structure record (FusedConv2d exists "
+            "for Conv2d only), so that the state dict restructures into a fresh model"
+        )
+    weight, bias = _fused_weights(conv, bn, transpose=isinstance(conv, _TRANSPOSED_CONVS))
+    fused = copy.deepcopy(conv)
+    with torch.no_grad():
+        fused.weight.copy_(weight)
+        fused.bias.copy_(bias)
+    return fused, "exact"
 
 
 def _fuse_plain(conv: nn.Conv2d, bn: nn.Module) -> nn.Module:
@@ -163,12 +213,13 @@ def _fuse_plain(conv: nn.Conv2d, bn: nn.Module) -> nn.Module:
 
 
 def _fuse_structured(conv: StructuredConv2d, bn: nn.Module) -> nn.Module:
+    """Alpha scaled per output channel, bias added (``StructuredConv1d/2d/3d``: the weight's dim 0 is the output)."""
     scale, shift = _bn_scale_shift(bn)
     config = {**conv.config(), "bias": True}
-    fused = StructuredConv2d(**config, device=conv.weight.device, dtype=conv.weight.dtype)
+    fused = type(conv)(**config, device=conv.weight.device, dtype=conv.weight.dtype)
     bias = shift if conv.bias is None else conv.bias.detach().double() * scale + shift
     with torch.no_grad():
-        fused.weight.copy_(conv.weight.detach().double() * scale.view(-1, 1, 1, 1))
+        fused.weight.copy_(conv.weight.detach().double() * scale.view(-1, *[1] * (conv.weight.dim() - 1)))
         fused.bias.copy_(bias)
     return _like(fused, conv)
 
@@ -186,6 +237,7 @@ def _fuse_ghost(ghost: GhostConv2d, bn: nn.Module) -> tuple[nn.Module | None, st
     """
     if ghost.norm_name is not None or ghost.act_name is not None:
         return None, "the Ghost module applies its own norm/activation between its convs"
+    kind = type(ghost).__name__
     scale, shift = _bn_scale_shift(bn)
     m, ratio = ghost.intrinsic_channels, ghost.ratio
     device = scale.device
@@ -210,9 +262,14 @@ def _fuse_ghost(ghost: GhostConv2d, bn: nn.Module) -> tuple[nn.Module | None, st
     factory = {"device": primary.weight.device, "dtype": primary.weight.dtype}
     if into_primary:
         config = {**ghost.config(), "bias": True, "norm_layer": None, "act_layer": None}
-        fused: GhostConv2d = GhostConv2d(**config, **factory)
+        fused: GhostConv2d = (GhostConv2d if isinstance(ghost, FusedGhostConv2d) else type(ghost))(**config, **factory)
         shift_int = carried
         detail = "exact: scale into both convs, shift into their biases"
+    elif not isinstance(ghost, GhostConv2d):
+        return None, (
+            f"the intrinsic maps' shift must be added after the depthwise conv, which needs a fused {kind} "
+            "(FusedGhostConv2d exists in 2-d only)"
+        )
     else:
         config = {k: v for k, v in ghost.config().items() if k not in ("bias", "norm_layer", "act_layer")}
         fused = FusedGhostConv2d(**config, **factory)
@@ -223,15 +280,16 @@ def _fuse_ghost(ghost: GhostConv2d, bn: nn.Module) -> tuple[nn.Module | None, st
         )
     fused.set_output_index(ghost.output_index)
     ratio_g = a_ghost / a_int[parent]
+    ones = [1] * (primary.weight.dim() - 1)  # per-channel scales over (in/groups, *kernel)
     with torch.no_grad():
         w = primary.weight.detach().double()
-        fused.primary.weight.copy_(w * a_int.view(-1, 1, 1, 1))
+        fused.primary.weight.copy_(w * a_int.view(-1, *ones))
         b0 = primary.bias.detach().double() if primary.bias is not None else torch.zeros_like(a_int)
         fused.primary.bias.copy_(b0 * a_int + shift_int)
         wc = cheap.weight.detach().double()
-        fused.cheap.weight.copy_(wc * ratio_g.view(-1, 1, 1, 1))
+        fused.cheap.weight.copy_(wc * ratio_g.view(-1, *ones))
         c0 = cheap.bias.detach().double() if cheap.bias is not None else torch.zeros_like(a_ghost)
-        taps = wc.sum(dim=(1, 2, 3))  # what a shift of the intrinsic map adds to the ghost away from borders
+        taps = wc.flatten(1).sum(dim=1)  # what a shift of the intrinsic map adds to the ghost away from borders
         fused.cheap.bias.copy_(a_ghost * c0 + b_ghost - ratio_g * shift_int[parent] * taps)
         if isinstance(fused, FusedGhostConv2d):
             fused.intrinsic_bias.copy_(carried)
@@ -247,14 +305,42 @@ def _fuse(conv: nn.Module, bn: nn.Module) -> tuple[nn.Module | None, str]:
         return None, f"{out_channels} conv channels but {bn.num_features} BatchNorm features"
     if type(conv) in (nn.Conv2d, FusedConv2d):
         return _fuse_plain(conv, bn), "exact"
-    if type(conv) is StructuredConv2d:
+    if type(conv) in (nn.Conv1d, nn.Conv3d, *_TRANSPOSED_CONVS):
+        return _fuse_plain_nd(conv, bn)
+    if type(conv) in (StructuredConv1d, StructuredConv2d, StructuredConv3d):
         return _fuse_structured(conv, bn), "exact"
-    if type(conv) in (GhostConv2d, FusedGhostConv2d):
+    if type(conv) in (GhostConv1d, GhostConv2d, GhostConv3d, FusedGhostConv2d):
         return _fuse_ghost(conv, bn)
+    if type(conv) in _STRUCTURED_TRANSPOSED:
+        return None, (
+            f"{type(conv).__name__}: the box filter mixes hidden channels into every output channel, so a per-channel "
+            "scale has no place in alpha"
+        )
+    if type(conv) in _GHOST_TRANSPOSED:
+        return None, f"{type(conv).__name__}: a fold needs a fused form (as FusedGhostConv2d), which it has not"
     return None, f"{type(conv).__name__} is not a layer BatchNorm folds into"
 
 
-_FOLDABLE_CONVS = (nn.Conv2d, FusedConv2d, StructuredConv2d, GhostConv2d, FusedGhostConv2d)
+_TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_STRUCTURED_TRANSPOSED = (StructuredConvTranspose1d, StructuredConvTranspose2d, StructuredConvTranspose3d)
+_GHOST_TRANSPOSED = (GhostConvTranspose1d, GhostConvTranspose2d, GhostConvTranspose3d)
+# The layers a BatchNorm after them is paired with: folded where exact, else reported as refused with the reason.
+_FOLDABLE_CONVS = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    *_TRANSPOSED_CONVS,
+    FusedConv2d,
+    StructuredConv1d,
+    StructuredConv2d,
+    StructuredConv3d,
+    *_STRUCTURED_TRANSPOSED,
+    GhostConv1d,
+    GhostConv2d,
+    GhostConv3d,
+    FusedGhostConv2d,
+    *_GHOST_TRANSPOSED,
+)
 
 
 def _bn_pairs(model: nn.Module, graph: torch.fx.Graph | None) -> list[tuple[str, str]]:
@@ -316,7 +402,7 @@ def _verify_fold(pair: nn.Module, fused: nn.Module, x: Tensor, dtype: torch.dtyp
 
 
 def fold_batchnorm(model: nn.Module, example_input: Tensor, tolerance: float = 1e-5) -> list[Fold]:
-    """Fold every BatchNorm2d into the layer just before it, where that is exact, in place (eval mode).
+    """Fold every BatchNorm (1d, 2d, 3d) into the layer just before it, where that is exact, in place (eval mode).
 
     A BatchNorm folds when its only input is the output of a plain ``nn.Conv2d`` (the pair becomes
     a :class:`FusedConv2d`, through :func:`torch.nn.utils.fusion.fuse_conv_bn_weights`), a
@@ -324,7 +410,12 @@ def fold_batchnorm(model: nn.Module, example_input: Tensor, tolerance: float = 1
     added) or a conv-only :class:`~lightning_cheapconv.nn.GhostConv2d` (scale into both convs; the
     shift into their biases where the depthwise conv cannot see it wrongly, else the Ghost module
     becomes a :class:`~lightning_cheapconv.nn.FusedGhostConv2d` that adds the intrinsic maps' shift
-    after its depthwise conv: exact at zero-padded borders), and nothing else uses that output.
+    after its depthwise conv: exact at zero-padded borders), and nothing else uses that output. In 1-d and 3-d
+    (BatchNorm1d/3d) the same holds for ``StructuredConv1d/3d`` and for ``GhostConv1d/3d`` where the shift goes
+    into the biases; a plain ``nn.Conv1d``/``nn.Conv3d``/``nn.ConvTranspose{d}d`` folds into its own weight and bias
+    when it has a bias. Every other pair of a conv type and a BatchNorm is reported as refused, with the reason
+    naming the type (a bias-less 1-d/3-d or transposed conv, whose new bias no structure record would keep; the
+    structured and Ghost transposed convs; a Ghost module needing a fused form outside 2-d).
     Pairs come from an fx trace of the model (cheap modules kept whole) or, when the model cannot
     be traced, from consecutive children of ``nn.Sequential`` containers. The folded weights are
     computed in float64 and stored in the model's dtype. Each fold is checked on the input its

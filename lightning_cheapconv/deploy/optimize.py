@@ -14,9 +14,10 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..complexity import count_complexity
-from ..convert import replace_modules
-from ..nn import GhostConv2d, StructuredConv2d, StructuredLinear
+from ..convert import GHOST_TYPES, STRUCTURED_TYPES, replace_modules
+from ..nn import GhostConv2d, StructuredConv2d
 from ..nn.record import StructureRecordMixin
+from ..nn.structured import _StructuredConvNd
 from ._utils import (
     _device_dtype,
     _forward,
@@ -33,8 +34,15 @@ from .onnx_runtime import onnx_providers, onnx_runner, require_onnxruntime
 from .report import InferenceReport, LayerForms
 from .timing import Latency, _capture_shapes, _random_input, _Seen, time_interleaved
 
-CHEAP_TYPES: tuple[type[nn.Module], ...] = (GhostConv2d, StructuredConv2d, StructuredLinear)
-"""The layer types whose forms :func:`optimize_for_inference` chooses between."""
+CHEAP_TYPES: tuple[type[nn.Module], ...] = (*GHOST_TYPES, *STRUCTURED_TYPES)
+"""The layer types whose forms :func:`optimize_for_inference` chooses between: every Ghost and structured layer
+(1-3 spatial dims, transposed convs, Linear; :data:`lightning_cheapconv.convert.CHEAP_TYPES`)."""
+
+
+def _ghost_names(modules: Mapping[str, nn.Module]) -> set[str]:
+    """The Ghost layers among ``modules`` (by name): they have one form and no exact dense form."""
+    return {name for name, module in modules.items() if isinstance(module, GHOST_TYPES)}
+
 
 RUNTIMES: tuple[str, ...] = ("pytorch", "onnxruntime")
 """Where :func:`optimize_for_inference` measures: PyTorch (eager, or compiled with ``compile=True``) or ONNX Runtime."""
@@ -60,18 +68,20 @@ def layer_forms(module: nn.Module) -> dict[str, nn.Module]:
     """The forms of one cheap layer that :func:`optimize_for_inference` times, by name.
 
     A :class:`StructuredConv2d`: ``"decomposed/<pooling>"`` for each of :func:`pooling_forms` (a copy with that
-    sum-pool form; plain ``"decomposed"`` where there is one form only) and ``"dense"`` (``to_dense()``); a
-    :class:`StructuredLinear`: ``"decomposed"`` and ``"dense"``; a :class:`GhostConv2d`: ``"ghost"`` (as it is).
+    sum-pool form; plain ``"decomposed"`` where there is one form only; ``StructuredConv1d``/``StructuredConv3d``
+    likewise, with the forms their class offers) and ``"dense"`` (``to_dense()``); a :class:`StructuredLinear` or a
+    structured transposed conv: ``"decomposed"`` and ``"dense"``; a Ghost module of any kind: ``"ghost"`` (as it is).
 
     Example::
 
         >>> list(layer_forms(StructuredConv2d(16, 16, 3, padding=1)))
         ['decomposed/adds', 'decomposed/avg_pool', 'decomposed/cumsum', 'dense']
     """
-    if isinstance(module, GhostConv2d):
+    if isinstance(module, GHOST_TYPES):
         return {"ghost": module}
     forms: dict[str, nn.Module] = {}
-    poolings = pooling_forms() if isinstance(module, StructuredConv2d) else ()
+    offered = getattr(module, "poolings", ())
+    poolings = tuple(p for p in pooling_forms() if p in offered) if isinstance(module, _StructuredConvNd) else ()
     for pooling in poolings:
         form = copy.deepcopy(module)
         form.set_pooling(pooling)
@@ -86,7 +96,7 @@ def _as_given_form(module: nn.Module, runtime: str) -> str:
     """The form name of a structured layer as it is: its pooling where it has one; in PyTorch the form its
     ``"auto"`` runs (in ONNX Runtime that is decided at export, so ``"decomposed/auto"`` is all that is known)."""
     pooling = getattr(module, "pooling", None)
-    if not isinstance(module, StructuredConv2d) or pooling is None:
+    if not isinstance(module, _StructuredConvNd) or pooling is None:
         return "decomposed"
     if runtime == "pytorch" and hasattr(module, "active_pooling"):
         pooling = module.active_pooling()
@@ -157,7 +167,7 @@ def _time_layers(
         row = LayerForms(name, type(module).__name__, None if seen is None else seen.shape)
         rows.append(row)
         if seen is None:
-            row.chosen = "ghost" if isinstance(module, GhostConv2d) else _as_given_form(module, runtime)
+            row.chosen = "ghost" if isinstance(module, GHOST_TYPES) else _as_given_form(module, runtime)
             row.note = "not called by the example input; kept as is"
             continue
         key = (_form_key(module, seen, device), _form_key(permuted[name], seen, device) if name in permuted else None)
@@ -172,7 +182,7 @@ def _time_layers(
                 {form: _macs(m, x) for form, m in forms.items()},
             )
         row.times_ms, row.macs = dict(cache[key][0]), dict(cache[key][1])
-        if isinstance(module, GhostConv2d):
+        if isinstance(module, GHOST_TYPES):
             row.chosen = "ghost"
         else:
             row.chosen = min(row.times_ms, key=row.times_ms.__getitem__)
@@ -183,7 +193,7 @@ def _apply_forms(model: nn.Module, choose: Callable[[str], str | None]) -> None:
     """Put every structured layer in the form ``choose(name)`` names (``"dense"``, ``"decomposed/<pooling>"``;
     ``None`` or ``"decomposed"``: as it is)."""
     replacements = {}
-    for name, module in _unique_modules(model, (StructuredConv2d, StructuredLinear)).items():
+    for name, module in _unique_modules(model, STRUCTURED_TYPES).items():
         form = choose(name)
         if form == "dense":
             replacements[name] = _dense(module)
@@ -193,12 +203,15 @@ def _apply_forms(model: nn.Module, choose: Callable[[str], str | None]) -> None:
         replace_modules(model, replacements)
 
 
-def _cheap_form_won(rows: list[LayerForms], chosen: str, configurations: Mapping[str, float]) -> bool | None:
-    """Whether the returned model keeps a cheap form that beat its dense alternative (``None``: unknown)."""
+def _cheap_form_won(
+    rows: list[LayerForms], chosen: str, configurations: Mapping[str, float], ghosts_named: set[str]
+) -> bool | None:
+    """Whether the returned model keeps a cheap form that beat its dense alternative (``None``: unknown);
+    ``ghosts_named``: the Ghost layers' names (every other row is structured)."""
     if chosen in ("all dense", "original"):
         return False
-    structured = [r for r in rows if r.kind in ("StructuredConv2d", "StructuredLinear") and r.input_shape is not None]
-    ghosts = [r for r in rows if r.kind == "GhostConv2d"]
+    structured = [r for r in rows if r.name not in ghosts_named and r.input_shape is not None]
+    ghosts = [r for r in rows if r.name in ghosts_named]
     if structured:
         # As given, every structured layer is decomposed, and that beat the dense alternatives as a whole.
         if chosen == "as given" or any(r.chosen.startswith("decomposed") and r.cheap_faster for r in structured):
@@ -208,9 +221,9 @@ def _cheap_form_won(rows: list[LayerForms], chosen: str, configurations: Mapping
     return False
 
 
-def _summary(report: InferenceReport, n_folded_bn: int, n_perm: int) -> str:
+def _summary(report: InferenceReport, n_folded_bn: int, n_perm: int, ghosts_named: set[str]) -> str:
     rows = report.layers
-    structured = [r for r in rows if r.kind in ("StructuredConv2d", "StructuredLinear") and r.input_shape is not None]
+    structured = [r for r in rows if r.name not in ghosts_named and r.input_shape is not None]
     decomposed_faster = [r for r in structured if r.cheap_faster]
     chosen = report.chosen_configuration
     parts = [
@@ -350,7 +363,7 @@ def optimize_for_inference(
             )
     if not _unique_modules(model, CHEAP_TYPES):
         raise ValueError(
-            "optimize_for_inference: the model has no cheap layers (GhostConv2d, StructuredConv2d, "
+            "optimize_for_inference: the model has no cheap layers (Ghost or structured, of any conv type, or "
             "StructuredLinear); convert it first with convert_to_ghost() or decompose_structured(), or load a "
             "converted checkpoint through restructure()"
         )
@@ -363,6 +376,7 @@ def optimize_for_inference(
 
     # 1. What each cheap layer sees, and the reference output.
     cheap = _unique_modules(given, CHEAP_TYPES)
+    ghosts_named = _ghost_names(cheap)
     shapes, reference = _capture_shapes(given, x, cheap)
     tolerance = _tolerance(dtype)
 
@@ -413,7 +427,7 @@ def optimize_for_inference(
         "as given": (given, []),
         "optimized": (optimized, [*folds, *bn_folds]),
     }
-    structured_names = [r.name for r in rows if r.kind in ("StructuredConv2d", "StructuredLinear")]
+    structured_names = [r.name for r in rows if r.name not in ghosts_named]
     if structured_names and any(name not in dense_choice for name in structured_names):
         all_dense, dense_folds = build(lambda name: "dense")
         configurations["all dense"] = (all_dense, [*folds, *dense_folds])
@@ -438,14 +452,14 @@ def optimize_for_inference(
     for row in rows:
         if row.input_shape is None:
             continue
-        if chosen == "all dense" and row.kind != "GhostConv2d":
+        if chosen == "all dense" and row.name not in ghosts_named:
             row.chosen = "dense"
         elif chosen == "as given":
             row.chosen = (
                 "ghost+permutation"
                 if row.name in permuted
                 else row.chosen
-                if row.kind == "GhostConv2d"
+                if row.name in ghosts_named
                 else _as_given_form(given.get_submodule(row.name), runtime)
             )
         elif chosen == "original":
@@ -480,10 +494,10 @@ def optimize_for_inference(
         runtime_detail=_runtime_detail(runtime, target),
         onnx_model=graphs.get(chosen),
     )
-    report.cheap_form_won = _cheap_form_won(rows, chosen, medians)
+    report.cheap_form_won = _cheap_form_won(rows, chosen, medians, ghosts_named)
     n_bn = sum(f.applied and f.kind == "batchnorm" for f in final_folds)
     n_perm = sum(f.applied and f.kind != "batchnorm" for f in final_folds)
-    report.summary = _summary(report, n_bn, n_perm)
+    report.summary = _summary(report, n_bn, n_perm, ghosts_named)
     return report
 
 

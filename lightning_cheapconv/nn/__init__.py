@@ -7,7 +7,7 @@ from .record import build_from_record
 from .separable import DepthwiseSeparableConv2d
 from .shuffle import ChannelShuffle
 from .squeeze_excite import SqueezeExcite
-from .structured import StructuredConv1d, StructuredConv2d, StructuredConv3d, StructuredLinear
+from .structured import POOLINGS, StructuredConv1d, StructuredConv2d, StructuredConv3d, StructuredLinear
 from .transposed import (
     GhostConvTranspose1d,
     GhostConvTranspose2d,
@@ -18,6 +18,7 @@ from .transposed import (
 )
 
 __all__ = [
+    "POOLINGS",
     "CReLU",
     "ChannelShuffle",
     "DepthwiseSeparableConv2d",

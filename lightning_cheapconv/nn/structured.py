@@ -405,9 +405,10 @@ class StructuredConv2d(_StructuredConvNd):
     structure only) and ``hidden_kernel_size`` is ``(n_h, n_w)`` (default ``k - 1``, at least 1).
     Padding modes other than ``'zeros'`` pad explicitly before pooling. ``pooling`` picks the sum-pool's
     operator form, one of :data:`POOLINGS` (default ``"auto"``: shifted adds in eager PyTorch and
-    ``torch.compile``, average pools when traced or exported); every form gives the same output up to
-    float rounding, and it is part of the structure record. Half-precision inputs are pooled in float32
-    and the pooled map cast back before the small conv, in every form.
+    ``torch.compile``; when traced or exported, ``"cumsum"``: a cumulative-sum difference over channels and
+    an average pool over H and W, whose window area lives in the small conv's weight); every form gives the
+    same output up to float rounding, and it is part of the structure record. Half-precision inputs are pooled
+    in float32 and the pooled map cast back before the small conv, in every form.
 
     Raises ``ValueError`` naming the argument, its value and the valid range for a conv argument that
     ``nn.Conv2d`` could not run with (:func:`~lightning_cheapconv.nn.record.check_conv_args`), hidden
