@@ -36,13 +36,6 @@ from lightning_cheapconv import GhostConv2d, GhostConvCallback, count_complexity
 
 CLASSES = ("background", "rectangle", "ellipse", "triangle")  # label 0 is the detector's background
 
-# The prediction layers of Faster R-CNN that are convolutions: the RPN's objectness and box-regression convs (one per
-# anchor at every position). The box predictor (roi_heads.box_predictor.cls_score/bbox_pred) is nn.Linear, which
-# GhostConvCallback never converts. Kept dense as in both papers. The callback's default skip rule kept only the single
-# last layer (here the box predictor's bbox_pred); once the rule that finds every prediction layer from the data flow
-# (issue 16, item 1; it runs the module's example_input_array, set below) is released, this list and the `exclude=`
-# that passes it can go.
-PREDICTION_LAYERS = ("*rpn.head.cls_logits", "*rpn.head.bbox_pred")
 
 Target = dict[str, Tensor]
 
@@ -346,13 +339,12 @@ def main(argv: list[str] | None = None) -> dict:
     pl.seed_everything(args.seed, workers=True)
     train, val, test = make_loaders(args)
     model = make_detector(args)
-    callback = GhostConvCallback(
-        exclude=list(PREDICTION_LAYERS),
+    callback = GhostConvCallback(  # the prediction layers stay dense by the default rule: found from the data flow
         ratio=args.ratio,
         dw_size=args.dw_size,
         init=args.init,
         calibration_batches=args.calibration_batches,
-        start_epoch=args.start_epoch,
+        start_epoch=0 if args.fast_dev_run else args.start_epoch,  # a one-batch check of the setup converts at once
         end_epoch=args.end_epoch,
         stages=args.stages,
         verbose=args.verbose,

@@ -11,6 +11,7 @@ Example::
 
 from .budget import BudgetPlan, BudgetResult, compress_to_budget, plan_budget
 from .callbacks import GhostConvCallback, StructuredConvCallback
+from .calls import ModelCall
 from .checkpoint import install_restructure_hook, restructure
 from .complexity import Complexity, LayerComplexity, compression_ratios, count_complexity, format_count
 from .convert import ConversionResult, convert_to_ghost, decompose_structured, select_layers
@@ -66,6 +67,7 @@ __all__ = [
     "GhostConvTranspose3d",
     "GhostNet",
     "ImageClassifier",
+    "ModelCall",
     "ImageNetDataModule",
     "InferenceReport",
     "LayerComplexity",

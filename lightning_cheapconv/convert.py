@@ -15,6 +15,7 @@ import fnmatch
 import functools
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -80,6 +81,13 @@ __all__ = [
 Method = Literal["ghost", "structured"]
 PREDICTION_KEPT = "prediction layer, kept"  # the plan's reason for a prediction layer
 PREDICTIONS_UNKNOWN = "prediction layers not found"  # in the reason of a last layer kept instead
+
+
+class PredictionLayersUnknownWarning(UserWarning):
+    """:func:`select_layers` could not find the prediction layers (no example input, no fx trace) and keeps only the
+    last layer."""
+
+
 Patterns = str | Sequence[str] | None
 
 
@@ -437,6 +445,15 @@ def select_layers(
             else "the example's forward pass runs partly without autograd and the model does not trace with torch.fx"
         )
         last_reason += f" ({PREDICTIONS_UNKNOWN}: {why})"
+        warnings.warn(
+            f"select_layers: prediction layers were not found ({why}), so only the last layer, {last_layer!r}, is "
+            "kept; a model with several heads (a detector, a segmenter) would have its other prediction convs "
+            "converted. Pass example_input= (a batch, or a lightning_cheapconv.ModelCall for a forward that takes "
+            "lists; for the callbacks, set the LightningModule's example_input_array), or exclude= them. (The "
+            "callbacks look again on a recorded training batch before a conversion mid-fit.)",
+            PredictionLayersUnknownWarning,
+            stacklevel=2,
+        )
     plan: list[LayerPlan] = [
         LayerPlan(n, type(m).__name__, "skip", f"already a {type(m).__name__}", tuple(names[id(m)]), -1)
         for n, m in cheap

@@ -737,3 +737,45 @@ def test_ddp_two_processes(tmp_path: Path) -> None:
             assert rank["metrics"]["compression/params_ratio"] > 1.5
         # The ranks saw different data: the losses differ, so identical weights come from the all-reduce.
         assert ranks[0]["losses"] != ranks[1]["losses"]
+
+
+class _SharedHead(pl.LightningModule):
+    """One conv applied at two resolutions (as a detector's head runs on every pyramid level)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.shared = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        fine, coarse = self.shared(x), self.shared(F.max_pool2d(x, 2))
+        return self.fc(torch.cat([fine.mean((2, 3)), coarse.mean((2, 3))], 1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_a_layer_called_twice_counts_its_macs_twice() -> None:
+    """The logged MAC ratio equals an independent count of the model before and after, where the shared conv
+    runs at 16x16 and 8x8 (it used to count the first call only: 1.55x logged for a true 1.94x)."""
+    model = _SharedHead()
+    x = torch.randn(1, 3, 16, 16)
+    before = count_complexity(copy.deepcopy(model), example_input=x).macs
+    callback = GhostConvCallback(include="shared", verbose=0)
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=1, callbacks=[callback])
+    trainer.fit(model, loader(n=16, batch_size=8, size=16), loader(n=8, batch_size=8, size=16))
+    after = count_complexity(model, example_input=x).macs
+    assert isinstance(model.shared, GhostConv2d) and callback.targets == ["shared"]
+    assert trainer.logged_metrics["compression/macs_ratio"] == pytest.approx(before / after, rel=1e-6)
+    assert trainer.logged_metrics["compression/macs"] == pytest.approx(after, rel=1e-6)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,13 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from lightning_cheapconv.calls import ModelCall
-from lightning_cheapconv.convert import PREDICTION_KEPT, convert_to_ghost, decompose_structured, select_layers
+from lightning_cheapconv.convert import (
+    PREDICTION_KEPT,
+    PredictionLayersUnknownWarning,
+    convert_to_ghost,
+    decompose_structured,
+    select_layers,
+)
 from lightning_cheapconv.heads import find_prediction_layers
 from lightning_cheapconv.nn import GhostConv2d
 
@@ -172,6 +180,18 @@ def test_selection_falls_back_to_the_last_layer_and_says_why() -> None:
     )
     hidden = _reasons(select_layers(HiddenFlow(), "structured", linear=True, channel_ratio=0.5, example_input=EXAMPLE))
     assert "the example's forward pass runs partly without autograd" in hidden["refine_pred"]
+
+
+def test_conversion_that_cannot_find_the_heads_warns() -> None:
+    """Not only a skip reason: a conversion that would convert other heads' convs warns."""
+    model = Untraceable()
+    with pytest.warns(PredictionLayersUnknownWarning, match="prediction layers were not found .* Pass example_input="):
+        convert_to_ghost(model, skip_first=False)
+    assert isinstance(model.cls_logits, GhostConv2d)  # converted: the warning is why a user should care
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        convert_to_ghost(Untraceable(), skip_first=False, example_input=EXAMPLE)
+    assert not [w for w in record if "prediction layers were not found" in str(w.message)]
 
 
 def test_skip_last_and_skip_prediction() -> None:

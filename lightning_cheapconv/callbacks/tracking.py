@@ -41,14 +41,22 @@ def _cost(complexity: Complexity) -> Cost:
     return Cost(complexity.params, complexity.macs, complexity.adds)
 
 
+def _calls_cost(layer: nn.Module, shapes: list[tuple[int, ...]]) -> Cost:
+    """A layer's cost over every call it got (a shared conv, e.g. a detector head run on each pyramid level):
+    its parameters once, its MACs and additions per call."""
+    costs = [_cost(count_complexity(layer, input_shape=shape)) for shape in shapes]
+    return Cost(costs[0].params, sum(c.macs for c in costs), sum(c.adds for c in costs))
+
+
 class CompressionTracker:
     """Counts the model once, then answers "what would it cost with exactly these layers cheap?".
 
     At construction a meta-device (no memory) dense and cheap form of every target layer are kept: a
     layer still dense is copied and its cheap twin built by ``make_cheap``; a layer already cheap (a
     second fit) is copied, and its dense twin built from its configuration. :meth:`measure` counts
-    the live model on one example input and records each target layer's input shape; both twins
-    are then counted at that shape. Costs are per example input (batch 1: per image).
+    the live model on one example input and records the input shape of every call of each target
+    layer; both twins are then counted at those shapes (a layer called twice costs its MACs twice,
+    its parameters once). Costs are per example input (batch 1: per image).
     """
 
     def __init__(self, model: nn.Module, targets: Iterable[str], make_cheap: Callable[[str, nn.Module], nn.Module]):
@@ -74,12 +82,12 @@ class CompressionTracker:
 
     def measure(self, model: nn.Module, example_input: Tensor | ModelCall, cheap_now: Iterable[str]) -> None:
         """Count ``model`` (whose layers in ``cheap_now`` are in cheap form) on ``example_input``."""
-        shapes: dict[str, tuple[int, ...]] = {}
+        shapes: dict[str, list[tuple[int, ...]]] = {}
         handles = []
         for name in self.dense:
 
             def hook(_m: nn.Module, args: tuple, name: str = name) -> None:
-                shapes.setdefault(name, tuple(args[0].shape))
+                shapes.setdefault(name, []).append(tuple(args[0].shape))
 
             handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
         try:
@@ -89,10 +97,8 @@ class CompressionTracker:
                 handle.remove()
         self.base = _cost(complexity)
         self.base_cheap = frozenset(cheap_now)
-        for name, shape in shapes.items():
-            dense = _cost(count_complexity(self.dense[name], input_shape=shape))
-            cheap = _cost(count_complexity(self.cheap[name], input_shape=shape))
-            self.layer_costs[name] = (dense, cheap)
+        for name, seen in shapes.items():
+            self.layer_costs[name] = (_calls_cost(self.dense[name], seen), _calls_cost(self.cheap[name], seen))
 
     def original_complexity(self, current: Complexity, cheap_now: Iterable[str]) -> Complexity:
         """``current`` (a count of the live model) with its cheap target layers put back in dense form."""
