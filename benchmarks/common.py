@@ -12,8 +12,24 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
+from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def randomize_bn(model: nn.Module) -> nn.Module:
+    """Seeded non-trivial BatchNorm statistics and affine parameters (folding has work to do; timing does not
+    depend on them); the model in eval mode."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
+                m.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                m.bias.copy_(torch.rand(n, generator=generator) - 0.5)
+    return model.eval()
 
 
 def machine() -> str:

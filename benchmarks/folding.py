@@ -37,28 +37,15 @@ import lightning_cheapconv.deploy.folding as folding
 from lightning_cheapconv import convert_to_ghost, get_model
 from lightning_cheapconv.deploy import fold_batchnorm, fold_ghost_permutations, relative_difference, time_interleaved
 
-from .common import Section, command
+from .common import Section, command, randomize_bn
 
 NODES = ("BatchNormalization", "Concat", "Gather", "Slice", "Add")
 FORMS = ("dense, BN folded", "ghost, BN kept", "ghost, BN folded")
 
 
-def _randomize_bn(model: nn.Module) -> nn.Module:
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
-                m.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-                m.bias.copy_(torch.rand(n, generator=generator) - 0.5)
-    return model.eval()
-
-
 def _forms(build: Callable[[], nn.Module], x: torch.Tensor) -> tuple[dict[str, nn.Module], str]:
     torch.manual_seed(0)
-    base = _randomize_bn(build())
+    base = randomize_bn(build())
     dense = copy.deepcopy(base)
     fold_batchnorm(dense, x[:1])
     ghost = copy.deepcopy(base)

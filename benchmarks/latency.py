@@ -51,7 +51,7 @@ from lightning_cheapconv import convert_to_ghost, count_complexity, decompose_st
 from lightning_cheapconv.deploy import compile_for_inference, fold_batchnorm, optimize_for_inference, time_interleaved
 from lightning_cheapconv.nn import StructuredConv2d, StructuredLinear
 
-from .common import Section, command
+from .common import Section, command, randomize_bn
 
 
 @dataclass(frozen=True)
@@ -67,17 +67,6 @@ SPECS = {
     "resnet50": Spec("ResNet-50", lambda: torchvision.models.resnet50(num_classes=1000), 224),
     "mobilenet_v2": Spec("MobileNetV2", lambda: torchvision.models.mobilenet_v2(num_classes=1000), 224),
 }
-
-
-def randomize_bn(model: nn.Module) -> nn.Module:
-    """Non-trivial BatchNorm statistics (folding has work to do; timing does not depend on them)."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=generator) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-    return model.eval()
 
 
 def all_dense(model: nn.Module) -> nn.Module:

@@ -50,8 +50,8 @@ from lightning_cheapconv.deploy import (
 )
 from lightning_cheapconv.models.cifar_resnet import BasicBlock, CifarResNet
 
-from .common import Section, command
-from .latency import SPECS, Spec, macs, randomize_bn
+from .common import Section, command, randomize_bn
+from .latency import SPECS, Spec, macs
 
 RUNTIMES = {"onnxruntime": "ONNX Runtime", "eager": "PyTorch eager", "compile": "torch.compile"}
 BATCHES = {32: [1, 32], 224: [1, 8]}  # by input size
