@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> Section:
         f"Plan: {kinds['ghost']} Ghost, {kinds['structured']} structured, {kinds['dense']} dense; MACs counted "
         f"independently after conversion: {reached:.4f} of the original; {len(result.changes)} layers converted.\n"
     )
-    section = Section("budget", "Planning a per-layer budget", body, command(__spec__.name, argv), missed)
+    section = Section("budget", "6. Planning a per-layer budget", body, command(__spec__.name, argv), missed)
     section.save()
     return section
 

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> Section:
         f"PyTorch), {args.threads} threads, median of {repeats} interleaved repetitions. Node counts: the exported "
         "ONNX graph (dynamo exporter), before ONNX Runtime's own optimizations. " + " ".join(notes)
     )
-    section = Section("folding", "BatchNorm folded into Ghost modules", body, command(__spec__.name, argv))
+    section = Section("folding", "2e. BatchNorm folded into Ghost modules", body, command(__spec__.name, argv))
     section.save()
     return section
 

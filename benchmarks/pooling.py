@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> Section:
         + "".join(f"\n- slower than the fastest form by more than 10%: {s}" for s in slower)
     )
     section = Section(
-        "pooling", "2c. Structured sum-pool: operator forms per runtime", body, command(__spec__.name, argv)
+        "pooling", "2d. Structured sum-pool: operator forms per runtime", body, command(__spec__.name, argv)
     )
     section.save()
     return section

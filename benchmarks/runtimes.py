@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> Section:
         parts.append(f"### {RUNTIMES[runtime]}\n\n{markdown(subset)}")
     section = Section(
         "runtimes",
-        "2d. Latency in deployment runtimes: ONNX Runtime, PyTorch eager, torch.compile",
+        "2. Latency in deployment runtimes: ONNX Runtime, PyTorch eager, torch.compile",
         "\n\n".join(parts),
         command(__spec__.name, argv),
         missed_targets(rows),
