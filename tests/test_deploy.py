@@ -6,6 +6,7 @@ that returns fixed latencies, so the choice logic itself is what is tested.
 
 from __future__ import annotations
 
+import io
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytorch_lightning as pl
 import torch
 import torchvision
 from nets import randomize_bn
+from rich.console import Console
 from torch import nn
 
 import lightning_cheapconv.deploy.optimize as deploy_optimize  # monkeypatched: it looks up time_interleaved, _form_key
@@ -193,6 +195,12 @@ def test_falls_back_when_the_per_layer_choice_is_slower_as_a_whole(monkeypatch, 
         assert "returned unchanged" in report.summary
         assert report.folds == []
         assert sum(isinstance(m, StructuredConv2d) for m in report.model.modules()) == 18
+        # The table still shows each layer's MAC ratio, and no fold note reads as if it were applied.
+        console = Console(width=400, record=True, file=io.StringIO())
+        console.print(report.table())
+        text = console.export_text()
+        layer_rows = [line for line in text.splitlines() if "layer1.0.conv1" in line]
+        assert layer_rows and "×" in layer_rows[0] and "not applied" in layer_rows[0]
     else:
         assert "beat the per-layer choice" in report.summary
         assert not any(isinstance(m, StructuredConv2d) for m in report.model.modules())

@@ -7,6 +7,7 @@ real run checks the ONNX Runtime path end to end on a tiny model.
 
 from __future__ import annotations
 
+import io
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -17,6 +18,7 @@ import onnxruntime
 import pytest
 import torch
 from nets import randomize_bn
+from rich.console import Console
 from torch import nn
 
 import lightning_cheapconv.deploy.optimize as deploy_optimize  # monkeypatched: it looks up time_interleaved
@@ -165,6 +167,24 @@ def test_never_slower_in_onnxruntime_than_the_original(monkeypatch, original_ms)
         assert relative_difference(run(report.model, x), run(model, x)) < 1e-4
     # What is kept is the graph of the model returned.
     assert op_types(report.onnx_model).count("Conv") == sum(isinstance(m, nn.Conv2d) for m in report.model.modules())
+
+
+def test_as_given_kept_in_onnxruntime_still_reports_each_layer(monkeypatch):
+    """When the model as given wins, its structured layers read "decomposed/auto" (the form is chosen at export):
+    the table shows their MAC ratio all the same, and says the folds noted were not applied."""
+    model = tiny("structured", include=["features.3"])
+    x = torch.randn(1, 3, 16, 16)
+    timer = OrtTimer(lambda form, call: {"as given": 0.5}.get(form, 1.0))
+    monkeypatch.setattr(deploy_optimize, "time_interleaved", timer)
+    report = optimize_for_inference(model, x, **ORT)
+    assert report.chosen_configuration == "as given"
+    (row,) = [r for r in report.layers if r.input_shape is not None]
+    assert row.chosen == "decomposed/auto"
+    console = Console(width=400, record=True, file=io.StringIO())
+    console.print(report.table())
+    line = next(line for line in console.export_text().splitlines() if row.name in line)
+    ratio = row.macs["dense"] / next(m for f, m in row.macs.items() if f.startswith("decomposed"))
+    assert f"{ratio:.2f}×" in line
 
 
 def test_pytorch_report_says_it_measured_pytorch():

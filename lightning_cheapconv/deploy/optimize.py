@@ -455,6 +455,8 @@ def optimize_for_inference(
         if chosen == "all dense" and row.name not in ghosts_named:
             row.chosen = "dense"
         elif chosen == "as given":
+            if row.note:
+                _add_note(row, "not applied: the model as given was returned")
             row.chosen = (
                 "ghost+permutation"
                 if row.name in permuted

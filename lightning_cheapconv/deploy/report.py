@@ -161,7 +161,9 @@ class InferenceReport:
                     ms = row.times_ms.get(form)
                     text = _DASH if ms is None else f"{ms:.3f}"
                     cells.append(f"[bold]{text}[/bold]" if form == row.chosen and ms is not None else text)
-                macs = row.macs.get(row.chosen)
+                # every decomposed/<pooling> form has the MACs of the others ("decomposed/auto" was not timed itself)
+                kind = (row.chosen or "").split("/")[0]
+                macs = row.macs.get(row.chosen, next((m for f, m in row.macs.items() if f.split("/")[0] == kind), None))
                 dense = row.macs.get("dense")
                 ratio = f"{dense / macs:.2f}×" if dense and macs else _DASH
                 table.add_row(
