@@ -6,6 +6,7 @@ Usage::
     cheapconv-optimize weights.pt --arch resnet56 --num-classes 10 --input-shape 1,3,32,32 --device cuda
     cheapconv-optimize run.ckpt --input-shape 1,3,224,224 --dtype bfloat16 --channels-last --export torchscript
     cheapconv-optimize run.ckpt --input-shape 8,3,224,224 --runtime onnxruntime --export onnx
+    cheapconv-optimize ghost.pt --arch resnet56 --original dense.pt --input-shape 32,3,32,32  # never slower than dense
 
 It loads the checkpoint of a converted model (any stage: the structure is rebuilt from the
 checkpoint's records with :func:`~lightning_cheapconv.restructure`), runs
@@ -167,6 +168,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--channels-last", action="store_true", help="NHWC memory format for model and input")
     parser.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm layers")
     parser.add_argument(
+        "--original",
+        type=Path,
+        default=None,
+        help="checkpoint of the dense model the converted one came from (same --arch): compared as a whole, "
+        "BatchNorm folded, and returned if it is faster",
+    )
+    parser.add_argument(
         "--compile",
         action="store_true",
         help="time the whole-model candidates under torch.compile (inductor, freezing), as you will run them",
@@ -217,6 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, prefix = load_converted_model(args.checkpoint, args.arch, args.num_classes)
         dtype = _DTYPES[args.dtype]
         model = model.to(device=device, dtype=dtype).eval()
+        original = None
+        if args.original is not None:
+            original, _ = load_converted_model(args.original, args.arch, args.num_classes)
+            original = original.to(device=device, dtype=dtype).eval()
         generator = torch.Generator().manual_seed(0)
         example = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
         if args.channels_last:
@@ -224,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError(f"--channels-last needs a 4-D --input-shape, got {args.input_shape}")
             model = model.to(memory_format=torch.channels_last)
             example = example.contiguous(memory_format=torch.channels_last)
+            if original is not None:
+                original = original.to(memory_format=torch.channels_last)
         try:
             report = optimize_for_inference(
                 model,
@@ -234,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 fold_bn=not args.no_fold_bn,
                 compile=args.compile,
                 runtime=args.runtime,
+                original=original,
             )
         except (ValueError, ImportError) as err:
             raise UsageError(str(err)) from None

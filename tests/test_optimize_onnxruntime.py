@@ -35,6 +35,7 @@ from lightning_cheapconv.deploy import (
     time_onnxruntime,
 )
 from lightning_cheapconv.deploy.onnx_runtime import check_onnx_file, onnx_runner
+from lightning_cheapconv.nn.record import decode_record
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -311,3 +312,21 @@ def test_cli_runtime_errors_exit_2(tmp_path, capsys, tiny_arch, monkeypatch):
     with pytest.raises(SystemExit):  # argparse: an unknown runtime exits 2 with the choices
         main([*argv[:-1], "tensorrt"])
     assert "invalid choice: 'tensorrt'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("original_ms", [0.5, 2.0])
+def test_cli_original_is_compared_and_returned_when_faster(tmp_path, monkeypatch, capsys, tiny_arch, original_ms):
+    """--original (the dense checkpoint): the CLI compares it as a whole and writes it when it is faster."""
+    converted, dense = tmp_path / "ghost.pt", tmp_path / "dense.pt"
+    torch.save(tiny("ghost", include=ONE).state_dict(), converted)
+    torch.save(tiny(seed=1).state_dict(), dense)
+    whole = {"as given": 1.2, "optimized": 1.0, "original": original_ms}
+    monkeypatch.setattr(deploy_optimize, "time_interleaved", OrtTimer(lambda form, call: whole.get(form, 1.0)))
+    argv = [str(converted), "--arch", tiny_arch, "--input-shape", "1,3,16,16", "--runtime", "onnxruntime"]
+    assert main([*argv, "--original", str(dense), "--repeats", "1", "--min-time", "0"]) == 0
+    assert "original" in capsys.readouterr().out
+    state = torch.load(tmp_path / "ghost.optimized.pt", weights_only=True)
+    kinds = {decode_record(v)["kind"] for k, v in state.items() if k.endswith("_extra_state")}
+    assert any("Ghost" in kind for kind in kinds) is (original_ms > 1.0)  # FusedGhostConv2d: its BN folded
+    assert main([*argv, "--original", str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt: no such file" in capsys.readouterr().err
