@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..complexity import count_complexity
-from ..convert import GHOST_TYPES, STRUCTURED_TYPES, replace_modules
+from ..convert import CHEAP_TYPES, GHOST_TYPES, STRUCTURED_TYPES, replace_modules
 from ..nn import GhostConv2d, StructuredConv2d
 from ..nn.record import StructureRecordMixin
 from ..nn.structured import _StructuredConvNd
@@ -34,9 +34,7 @@ from .onnx_runtime import onnx_providers, onnx_runner, require_onnxruntime
 from .report import InferenceReport, LayerForms
 from .timing import Latency, _capture_shapes, _random_input, _Seen, time_interleaved
 
-CHEAP_TYPES: tuple[type[nn.Module], ...] = (*GHOST_TYPES, *STRUCTURED_TYPES)
-"""The layer types whose forms :func:`optimize_for_inference` chooses between: every Ghost and structured layer
-(1-3 spatial dims, transposed convs, Linear; :data:`lightning_cheapconv.convert.CHEAP_TYPES`)."""
+# CHEAP_TYPES (imported from convert, re-exported by deploy): the layers whose forms are chosen between.
 
 
 def _ghost_names(modules: Mapping[str, nn.Module]) -> set[str]:
