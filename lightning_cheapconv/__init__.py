@@ -10,7 +10,7 @@ Example::
 """
 
 from .budget import BudgetPlan, BudgetResult, compress_to_budget, plan_budget
-from .callbacks import GhostConvCallback, StructuredConvCallback
+from .callbacks import BudgetConvCallback, GhostConvCallback, StructuredConvCallback
 from .calls import ModelCall
 from .checkpoint import install_restructure_hook, restructure
 from .complexity import Complexity, LayerComplexity, compression_ratios, count_complexity, format_count
@@ -46,6 +46,7 @@ from .structure import StructureSpec
 __version__ = "0.1.0"
 
 __all__ = [
+    "BudgetConvCallback",
     "BudgetPlan",
     "BudgetResult",
     "CIFAR10DataModule",

@@ -1,9 +1,13 @@
 """Compression to a budget: a per-layer plan across methods (keep dense, Ghost, structured) that meets a MACs,
 parameter and/or latency budget with the least total sensitivity, applied atomically.
 
-For every selected conv the candidates are: keep it dense; a conv-only Ghost module (Han et al., CVPR 2020) with
-``s`` in :data:`GHOST_RATIOS` and ``d = 3``; a structured convolution (Bhalgat et al., NeurIPS 2020) with hidden sizes
-``c`` in ``C·`` :data:`CHANNEL_RATIOS` and ``n`` in ``{k - 1, k}`` (the full ``(C, k)`` excluded). Each candidate has
+Planned layers are the plain convs ``nn.Conv1d``/``nn.Conv2d``/``nn.Conv3d`` (:data:`PLANNED_TYPES`) that
+:func:`~lightning_cheapconv.convert.select_layers` selects for a method; transposed convs, which the conversions also
+take, stay as they are and are listed in :attr:`BudgetPlan.skipped` with :data:`TRANSPOSED_REASON`. For every planned
+conv the candidates are: keep it dense; a conv-only Ghost module (Han et al., CVPR 2020; ``GhostConv{1,2,3}d``) with
+``s`` in :data:`GHOST_RATIOS` and ``d = 3`` per side; a structured convolution (Bhalgat et al., NeurIPS 2020;
+``StructuredConv{1,2,3}d``) with hidden sizes ``c`` in ``C·`` :data:`CHANNEL_RATIOS` and ``n`` in ``{k - 1, k}`` per
+side (the full ``(C, k)`` excluded). Each candidate has
 
 - a **cost**: MACs and parameters counted with the formulas of :func:`~lightning_cheapconv.complexity.count_complexity`
   (MACs per output position times the positions the dense layer computes in the example's forward pass), so the
@@ -16,7 +20,8 @@ For every selected conv the candidates are: keep it dense; a conv-only Ghost mod
   Deep Neural Networks"). The squared errors of the layers are added (the output noise energy of independent
   perturbations). It costs one forward pass; AIMET's greedy per-layer compression-ratio selection instead evaluates the
   whole network once per layer and ratio, and the rise in the loss would likewise cost a forward pass per layer and
-  candidate (and labels). Which of the two predicts accuracy better is left to the accuracy benchmark.
+  candidate (and labels). Which of the two predicts accuracy better is measured by ``benchmarks/sensitivity.py``
+  (BENCHMARKS.md, section 6b: the Spearman correlation of each with the accuracy drop over random and greedy plans).
 
 Allocation is a multiple-choice knapsack solved greedily by sensitivity per unit of cost saved (marginal analysis, as
 in the LP relaxation of the multiple-choice knapsack, Sinha & Zoltners 1979): from the all-dense plan, repeatedly
@@ -40,7 +45,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
@@ -59,7 +63,7 @@ from .convert import (
     structured_from_dense,
 )
 from .deploy import time_interleaved
-from .inherit import assign_ghosts
+from .inherit import ghost_output_errors
 from .reuse import evaluating
 from .structure import StructureSpec, project
 from .validation import (
@@ -97,6 +101,14 @@ GHOST_SENSITIVITY_POSITIONS = 256
 """Positions (drawn with a fixed seed) of the Ghost least-squares fits that score each ratio."""
 METHODS = ("ghost", "structured")
 BUDGETS = ("macs", "params", "latency_ms")
+PLANNED_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+"""The layer types a budget plans: plain convs (and their plain subclasses, as :func:`select_layers` admits them).
+Transposed convs, which the conversions also take, are skipped with :data:`TRANSPOSED_REASON`."""
+TRANSPOSED_REASON = (
+    "transposed conv: not planned by budgets (their costs are per input position and their Ghost weights inherit in "
+    "kernel space only); convert it with convert_to_ghost or decompose_structured"
+)
+_PlainConv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
 
 @dataclass(frozen=True)
@@ -116,7 +128,7 @@ class Candidate:
     method: str  # "dense", "ghost" or "structured"
     ratio: int | None = None
     channels: int | None = None
-    kernel_size: tuple[int, int] | None = None
+    kernel_size: tuple[int, ...] | None = None
     macs: int = 0
     params: int = 0
     sensitivity: float = 0.0
@@ -124,11 +136,12 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        """``dense``, ``ghost s=<s>`` or ``structured c=<c> n=<n_h>x<n_w>``."""
+        """``dense``, ``ghost s=<s>`` or ``structured c=<c> n=<n_h>x<n_w>`` (one side per dimension: ``n=<n>`` in 1-d,
+        ``n=<n_d>x<n_h>x<n_w>`` in 3-d)."""
         if self.method == "ghost":
             return f"ghost s={self.ratio}"
         if self.method == "structured":
-            return f"structured c={self.channels} n={self.kernel_size[0]}x{self.kernel_size[1]}"
+            return f"structured c={self.channels} n={'x'.join(map(str, self.kernel_size))}"
         return "dense"
 
     def cost(self, key: str) -> float:
@@ -293,17 +306,7 @@ def _check_arguments(
             f"{owner}: no budget given; pass at least one of macs (a fraction in (0, 1]), params (a fraction in "
             "(0, 1]) and latency_ms (> 0)"
         )
-    chosen = (methods,) if isinstance(methods, str) else methods
-    if (
-        not isinstance(chosen, Sequence)
-        or not chosen
-        or not all(isinstance(m, str) and m in METHODS for m in chosen)
-        or len(set(chosen)) != len(chosen)
-    ):
-        raise ValueError(
-            f"{owner}: methods={short_repr(methods)} is not valid; valid values are non-empty sequences of distinct "
-            f"methods from {METHODS}"
-        )
+    chosen = check_methods(methods, owner)
     if calibration is not None:
         check_finite_tensor("calibration", calibration, owner=owner)
     check_patterns("include", include, owner=owner)
@@ -313,7 +316,27 @@ def _check_arguments(
     return asked, tuple(chosen)
 
 
-def _structured_specs(conv: nn.Conv2d, name: str) -> list[StructureSpec]:
+def check_methods(methods: object, owner: str, error: type[Exception] = ValueError) -> tuple[str, ...]:
+    """``methods`` as a tuple: one of :data:`METHODS` or a non-empty sequence of distinct ones.
+
+    Raises:
+        ValueError (or ``error``): naming ``methods``, its value and the valid values.
+    """
+    chosen = (methods,) if isinstance(methods, str) else methods
+    if (
+        not isinstance(chosen, Sequence)
+        or not chosen
+        or not all(isinstance(m, str) and m in METHODS for m in chosen)
+        or len(set(chosen)) != len(chosen)
+    ):
+        raise error(
+            f"{owner}: methods={short_repr(methods)} is not valid; valid values are non-empty sequences of distinct "
+            f"methods from {METHODS}"
+        )
+    return tuple(chosen)
+
+
+def _structured_specs(conv: _PlainConv, name: str) -> list[StructureSpec]:
     """The structured grid of ``conv``: ``c`` from :data:`CHANNEL_RATIOS`, ``n`` from :data:`KERNEL_REDUCTIONS`,
     without the full ``(C, k)`` (no reduction) and without repeats."""
     full = (conv.in_channels // conv.groups, *conv.kernel_size)
@@ -326,26 +349,29 @@ def _structured_specs(conv: nn.Conv2d, name: str) -> list[StructureSpec]:
     return specs
 
 
-def _ghost_costs(conv: nn.Conv2d, ratio: int) -> tuple[int, int]:
-    """Ghost MACs per output position and parameters (the counts of a conv-only :class:`GhostConv2d`)."""
+def _ghost_costs(conv: _PlainConv, ratio: int) -> tuple[int, int]:
+    """Ghost MACs per output position and parameters (the counts of a conv-only :class:`GhostConv2d`; ``d`` or ``d³``
+    depthwise taps for a :class:`GhostConv1d`/:class:`GhostConv3d`)."""
     m = -(-conv.out_channels // ratio)
-    k_h, k_w = conv.kernel_size
+    taps = math.prod(conv.kernel_size)
     bias = conv.bias is not None
-    d2 = GHOST_DW_SIZE * GHOST_DW_SIZE
-    per_position = m * conv.in_channels * k_h * k_w + m * (ratio - 1) * d2
-    params = m * conv.in_channels * k_h * k_w + m * bias + m * (ratio - 1) * (d2 + bias)
+    cheap = GHOST_DW_SIZE ** len(conv.kernel_size)
+    per_position = m * conv.in_channels * taps + m * (ratio - 1) * cheap
+    params = m * conv.in_channels * taps + m * bias + m * (ratio - 1) * (cheap + bias)
     return per_position, params
 
 
-def _dense_per_position(conv: nn.Conv2d) -> int:
-    return conv.out_channels * (conv.in_channels // conv.groups) * conv.kernel_size[0] * conv.kernel_size[1]
+def _dense_per_position(conv: _PlainConv) -> int:
+    return conv.out_channels * (conv.in_channels // conv.groups) * math.prod(conv.kernel_size)
 
 
 def _own_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _first(batch: Tensor | ModelCall) -> Tensor | ModelCall:
+def _first(batch: Tensor | ModelCall | None) -> Tensor | ModelCall | None:
+    if batch is None:
+        return None
     return batch[:1] if isinstance(batch, Tensor) else batch.first(1)
 
 
@@ -354,11 +380,10 @@ class _Sensitivities:
     images of its input for the Ghost fits of the conversion.
 
     Both scores use the first images of the batch that give :data:`SENSITIVITY_POSITIONS` output positions.
-    Structured: ``‖conv(x, W - PW)‖² / ‖y‖²``, all specs of the layer in one conv. Ghost: the pair fits of weight
-    inheritance on activations (:mod:`~lightning_cheapconv.inherit`: the least-squares ``d x d`` kernel making output
-    ``o`` from output ``i``, on :data:`GHOST_SENSITIVITY_POSITIONS` positions drawn with a fixed seed) are computed
-    once per layer and :func:`~lightning_cheapconv.inherit.assign_ghosts` picks intrinsics and ghosts for each ratio;
-    the score is the fitted ghosts' squared error over the output's energy.
+    Structured: ``‖conv(x, W - PW)‖² / ‖y‖²``, all specs of the layer in one conv. Ghost:
+    :func:`~lightning_cheapconv.inherit.ghost_output_errors`, the error of weight inheritance on activations (the
+    same least-squares pair fits as the conversion's, on :data:`GHOST_SENSITIVITY_POSITIONS` positions drawn with a
+    fixed seed, computed once per layer; intrinsics and ghosts assigned for each ratio).
     """
 
     def __init__(self, specs: dict[str, list[StructureSpec]], ratios: dict[str, list[int]]) -> None:
@@ -367,68 +392,35 @@ class _Sensitivities:
         self.ghost: dict[str, dict[int, float]] = {}
         self.inputs: dict[str, Tensor] = {}
 
-    def __call__(self, module: nn.Conv2d, args: tuple, output: Tensor, name: str) -> None:
+    def __call__(self, module: _PlainConv, args: tuple, output: Tensor, name: str) -> None:
         if name in self.structured:
             return  # a layer called twice is scored on its first call
         x = args[0]
-        positions = max(1, output.shape[-1] * output.shape[-2])
+        positions = max(1, math.prod(output.shape[2:]))
         count = min(x.shape[0], max(1, math.ceil(SENSITIVITY_POSITIONS / positions)))
         x, y = x[:count].float(), output[:count].float()
         self.structured[name] = _structured_errors(module, x, y, self.specs[name])
-        self.ghost[name] = _ghost_errors(y, module.bias is not None, self.ratios[name])
+        self.ghost[name] = ghost_output_errors(
+            y, self.ratios[name], GHOST_DW_SIZE, module.bias is not None, GHOST_SENSITIVITY_POSITIONS, name
+        )
         if self.ratios[name]:
             self.inputs[name] = args[0][:count].detach()
 
 
-def _structured_errors(conv: nn.Conv2d, x: Tensor, y: Tensor, specs: list[StructureSpec]) -> dict[StructureSpec, float]:
+def _structured_errors(
+    conv: _PlainConv, x: Tensor, y: Tensor, specs: list[StructureSpec]
+) -> dict[StructureSpec, float]:
     if not specs:
         return {}
     energy = float(y.pow(2).sum().clamp_min(1e-30))
     weight = conv.weight.detach().float()
     residuals = [weight - project(weight, spec) for spec in specs]
     if conv.groups == 1:  # one conv for all specs: their residual kernels stacked along the output channels
-        errors = conv._conv_forward(x, torch.cat(residuals), None).pow(2).sum((0, 2, 3))
+        errors = conv._conv_forward(x, torch.cat(residuals), None).pow(2).sum([0, *range(2, y.dim())])
         errors = errors.view(len(specs), -1).sum(1).tolist()
     else:
         errors = [float(conv._conv_forward(x, r, None).pow(2).sum()) for r in residuals]
     return {spec: error / energy for spec, error in zip(specs, errors, strict=True)}
-
-
-def _ghost_errors(y: Tensor, bias: bool, ratios: list[int]) -> dict[int, float]:
-    """Squared relative output error of Ghost inheritance per ratio, from the layer's outputs ``y`` (B, O, H, W)."""
-    if not ratios:
-        return {}
-    batch, channels, height, width = y.shape
-    total = batch * height * width
-    generator = torch.Generator().manual_seed(0)
-    keep = torch.randperm(total, generator=generator)[:GHOST_SENSITIVITY_POSITIONS].to(y.device)
-    b, rest = keep // (height * width), keep % (height * width)
-    row, col = rest // width, rest % width
-    d, half = GHOST_DW_SIZE, GHOST_DW_SIZE // 2
-    padded = F.pad(y, (half, half, half, half))  # the cheap conv's zero padding
-    taps = [padded[b, :, row + dy, col + dx] for dy in range(d) for dx in range(d)]  # each (N, O)
-    patches = torch.stack(taps, 2).permute(1, 2, 0)  # (O, d², N)
-    targets = y[b, :, row, col].T  # (O, N)
-    if bias:  # a ghost channel has its own bias: centre, as the fit does
-        patches = patches - patches.mean(-1, keepdim=True)
-        targets = targets - targets.mean(-1, keepdim=True)
-    gram = (patches @ patches.transpose(1, 2)).double()
-    scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
-    gram = gram + 1e-6 * scale[:, None, None] * torch.eye(d * d, dtype=gram.dtype, device=gram.device)
-    inverse = torch.linalg.inv(gram).float()  # (I, d², d²)
-    cross = (patches.reshape(channels * d * d, -1) @ targets.T).view(channels, d * d, channels).transpose(1, 2)
-    explained = ((cross @ inverse) * cross).sum(-1)  # (I, O): the energy of o that a ghost of i explains
-    target_sq = targets.pow(2).sum(1)
-    errors = (target_sq[None, :] - explained).clamp_min(0.0)
-    normalized = errors / target_sq.clamp_min(1e-30)[None, :]
-    energy = float(target_sq.sum().clamp_min(1e-30))
-    result = {}
-    for ratio in ratios:
-        _, ghost_of = assign_ghosts(normalized, ratio)
-        ghosts = torch.tensor(sorted(ghost_of), dtype=torch.long, device=y.device)
-        owners = torch.tensor([ghost_of[g] for g in sorted(ghost_of)], dtype=torch.long, device=y.device)
-        result[ratio] = float(errors[owners, ghosts].sum()) / energy if len(ghosts) else 0.0
-    return result
 
 
 def _selection(
@@ -484,7 +476,7 @@ def _layer_shapes(model: nn.Module, example: Tensor | ModelCall, layers: dict[st
 def _latencies(
     model: nn.Module,
     example: Tensor | ModelCall,
-    layers: dict[str, nn.Conv2d],
+    layers: dict[str, _PlainConv],
     options: dict[str, list[Candidate]],
 ) -> tuple[float, dict[str, list[float]]]:
     """The whole model's median latency on ``example`` and each candidate's on a random input of the layer's input
@@ -539,7 +531,8 @@ def plan_budget(
 
     Raises:
         ValueError: naming the argument, its value and the valid range for any invalid argument; or, for a budget
-            that cannot be met even with every planned layer at its cheapest candidate, the smallest reachable value.
+            that cannot be met even with every planned layer at its cheapest candidate, the smallest reachable value;
+            no layer to plan (every selected layer's reason listed).
 
     Example::
 
@@ -579,19 +572,22 @@ def _plan(
     before_counts = count_complexity(model, example_input=example_input)
     allowed, skipped, entries = _selection(model, methods, include, exclude, skip_first, skip_last, example_input)
     rows = before_counts.by_name()
-    layers: dict[str, nn.Conv2d] = {}
+    layers: dict[str, _PlainConv] = {}
     for name in list(allowed):
         row = rows.get(name)
-        if row is None or row.macs == 0:
+        reason = None
+        if not isinstance(model.get_submodule(name), PLANNED_TYPES):
+            reason = TRANSPOSED_REASON
+        elif row is None or row.macs == 0:
+            reason = "not called by example_input"
+        if reason is not None:
             entry = entries[name]
-            skipped.append(
-                LayerPlan(name, entry.type, "skip", "not called by example_input", entry.aliases, entry.order)
-            )
+            skipped.append(LayerPlan(name, entry.type, "skip", reason, entry.aliases, entry.order))
             del allowed[name]
             continue
         layers[name] = model.get_submodule(name)
     if not layers:
-        reasons = "; ".join(f"{p.name}: {p.reason}" for p in skipped) or "the model has no Conv2d layers"
+        reasons = "; ".join(f"{p.name}: {p.reason}" for p in skipped) or "the model has no conv layers (Conv1d/2d/3d)"
         raise ValueError(
             f"{owner}: no layer can be planned (include={include!r}, exclude={exclude!r}, methods={methods!r}): "
             f"{reasons}"
@@ -634,15 +630,14 @@ def _plan(
                 )
             )
         for spec in specs[name]:
-            n_h, n_w = spec.kernel_size
+            per_position = conv.out_channels * spec.channels * math.prod(spec.kernel_size)
             candidates.append(
                 Candidate(
                     "structured",
                     channels=spec.channels,
                     kernel_size=spec.kernel_size,
-                    macs=positions * conv.out_channels * spec.channels * n_h * n_w,
-                    params=conv.out_channels * spec.channels * n_h * n_w
-                    + (conv.out_channels if conv.bias is not None else 0),
+                    macs=positions * per_position,
+                    params=per_position + (conv.out_channels if conv.bias is not None else 0),
                     sensitivity=scorer.structured[name][spec],
                 )
             )
@@ -837,8 +832,9 @@ def compress_to_budget(
     skip_first: bool = True,
     skip_last: bool = True,
 ) -> BudgetResult:
-    """Convert each selected conv of ``model`` to the Ghost, structured or dense form that, all layers together,
-    meets every budget given with the least total sensitivity; in place, atomically.
+    """Convert each selected plain conv (``nn.Conv1d/2d/3d``) of ``model`` to the Ghost, structured or dense form that,
+    all layers together, meets every budget given with the least total sensitivity; in place, atomically. Transposed
+    convs are not planned: they stay as they are, listed in the plan's ``skipped`` with :data:`TRANSPOSED_REASON`.
 
     Budgets (at least one; all given are met): ``macs`` and ``params``, the fraction of the original model's MACs
     (over the forward pass of ``example_input``) and parameters to keep, in ``(0, 1]`` (0.5 = half); the plan lands
@@ -855,7 +851,8 @@ def compress_to_budget(
     ``None``) in one forward pass, on the first images of each layer's input that give
     :data:`SENSITIVITY_POSITIONS` output positions; with ``calibration`` the BatchNorm statistics are then
     re-estimated on it (:func:`~lightning_cheapconv.convert.recalibrate_batchnorm`). Converted layers are
-    :class:`~lightning_cheapconv.nn.GhostConv2d` and :class:`~lightning_cheapconv.nn.StructuredConv2d` modules
+    :class:`~lightning_cheapconv.nn.GhostConv2d` and :class:`~lightning_cheapconv.nn.StructuredConv2d` modules (their
+    1-d and 3-d forms for ``nn.Conv1d``/``nn.Conv3d``)
     carrying their own hyper-parameters in their structure records, so
     :func:`~lightning_cheapconv.checkpoint.restructure` rebuilds the mixed model from its state dict.
 
@@ -865,8 +862,9 @@ def compress_to_budget(
     Raises:
         ValueError: naming the argument, its value and the valid range (``macs``/``params`` in ``(0, 1]``,
             ``latency_ms`` > 0, at least one budget, ``methods`` a non-empty sequence of ``"ghost"``/``"structured"``,
-            bools as bools, glob patterns, a finite ``calibration`` batch that runs through the model); a budget that
-            cannot be met even with every layer at its cheapest candidate, naming the smallest reachable value.
+            bools as bools, glob patterns, a finite ``calibration`` batch that runs through the model); no layer to
+            plan (each selected layer's reason listed: a transposed conv's is :data:`TRANSPOSED_REASON`); a budget
+            that cannot be met even with every layer at its cheapest candidate, naming the smallest reachable value.
 
     Example::
 

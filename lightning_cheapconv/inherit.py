@@ -21,6 +21,7 @@ filters that explain ``s - 1`` others best become intrinsics first and claim tho
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,14 @@ from torch import Tensor, nn
 from .nn.ghost import check_ghost_sizes
 from .validation import check_finite_tensor, check_instance, check_int
 
-__all__ = ["GhostFit", "check_ghost_sizes", "fit_ghost_from_kernels", "fit_ghost_from_activations", "assign_ghosts"]
+__all__ = [
+    "GhostFit",
+    "assign_ghosts",
+    "check_ghost_sizes",
+    "fit_ghost_from_activations",
+    "fit_ghost_from_kernels",
+    "ghost_output_errors",
+]
 
 
 @dataclass
@@ -124,6 +132,20 @@ class _PairFits:
             taps = full
         return taps.reshape(-1, *(self.dw_size,) * self.dims).float()
 
+    def assign(self, ratio: int) -> tuple[list[int], dict[int, int], Tensor, Tensor]:
+        """:func:`assign_ghosts` on the normalized pair errors: the intrinsic filters (in the order chosen),
+        ``ghost -> intrinsic filter``, and the ``(owners, ghosts)`` index pairs in ghost order."""
+        normalized = self.errors / self.target_sq.clamp_min(1e-30)[None, :]
+        intrinsics, ghost_of = assign_ghosts(normalized, ratio)
+        ghosts = torch.tensor(sorted(ghost_of), dtype=torch.long)
+        owners = torch.tensor([ghost_of[g] for g in ghosts.tolist()], dtype=torch.long)
+        return intrinsics, ghost_of, owners, ghosts
+
+    def squared_error(self, owners: Tensor, ghosts: Tensor) -> float:
+        """The fitted ghosts' squared error over the energy of all targets: the squared relative output error."""
+        total = self.errors[owners, ghosts].sum().item() if len(ghosts) else 0.0
+        return total / max(self.target_sq.sum().item(), 1e-30)
+
 
 def assign_ghosts(errors: Tensor, ratio: int) -> tuple[list[int], dict[int, int]]:
     """Choose ``m = ceil(O / ratio)`` intrinsic filters and give each at most ``ratio - 1`` ghosts.
@@ -175,19 +197,15 @@ def assign_ghosts(errors: Tensor, ratio: int) -> tuple[list[int], dict[int, int]
 
 
 def _finish(fits: _PairFits, ratio: int) -> GhostFit:
-    normalized = fits.errors / fits.target_sq.clamp_min(1e-30)[None, :]
-    intrinsics, ghost_of = assign_ghosts(normalized, ratio)
+    intrinsics, ghost_of, owners, ghosts = fits.assign(ratio)
     slot = {filt: n for n, filt in enumerate(intrinsics)}
-    ghosts = torch.tensor(sorted(ghost_of), dtype=torch.long)
-    owners = torch.tensor([ghost_of[g] for g in ghosts.tolist()], dtype=torch.long)
     kernels = fits.kernels(owners, ghosts) if len(ghosts) else torch.empty(0)
-    total_error = fits.errors[owners, ghosts].sum().item() if len(ghosts) else 0.0
     return GhostFit(
         intrinsics=torch.tensor(intrinsics, dtype=torch.long),
         ghost_of={g: slot[i] for g, i in ghost_of.items()},
         kernels=dict(zip(ghosts.tolist(), kernels, strict=True)),
         bias_shift={},
-        relative_error=(total_error / max(fits.target_sq.sum().item(), 1e-30)) ** 0.5,
+        relative_error=fits.squared_error(owners, ghosts) ** 0.5,
     )
 
 
@@ -261,21 +279,8 @@ def fit_ghost_from_activations(
     with torch.no_grad():
         # With the bias: the cheap conv sees the biased intrinsic maps, zero-padded at the borders.
         outputs = conv._conv_forward(inputs.float(), conv.weight.float(), bias)
-        positions = outputs.shape[0] * math.prod(outputs.shape[2:])
-        if positions > max_positions:
-            keep = torch.randperm(positions, generator=torch.Generator().manual_seed(0))[:max_positions]
-        else:
-            keep = torch.arange(positions)
-        patches, targets = _neighbourhoods(outputs, keep.to(outputs.device), dw_size)
-    if bias is not None:
-        # A ghost channel has its own bias (the intercept): centre the targets and the features.
-        patch_means, target_means = patches.mean(-1), targets.mean(-1)
-        patches = patches - patch_means[..., None]
-        targets = targets - target_means[:, None]
-    gram = patches @ patches.transpose(1, 2)  # (I, d², d²)
-    cross = torch.einsum("iqn,on->ioq", patches, targets)
-    target_sq = targets.pow(2).sum(1)
-    fit = _finish(_PairFits(gram, cross, target_sq, dw_size, dims=dims), ratio)
+    fits, patch_means, target_means = _activation_fits(outputs, dw_size, bias is not None, max_positions)
+    fit = _finish(fits, ratio)
     if bias is not None:
         # The least-squares intercept: tap means differ from the map's mean near the zero-padded borders.
         fit.bias_shift = {
@@ -283,6 +288,81 @@ def fit_ghost_from_activations(
             for g, s in fit.ghost_of.items()
         }
     return fit
+
+
+def ghost_output_errors(
+    outputs: Tensor,
+    ratios: Sequence[int],
+    dw_size: int = 3,
+    bias: bool = False,
+    max_positions: int = 16384,
+    name: str = "conv",
+) -> dict[int, float]:
+    """The squared relative output error ``‖y' - y‖² / ‖y‖²`` that weight inheritance on activations
+    (:func:`fit_ghost_from_activations`) reaches for each Ghost ratio in ``ratios``, from the layer's outputs ``y``.
+
+    ``outputs``: a conv's outputs ``(B, O, H, W)`` (``(B, O, L)`` or ``(B, O, D, H, W)`` for 1-d and 3-d convs), bias
+    included; ``bias``: whether the conv has one (the ghosts then get their own intercepts: targets and features are
+    centred, as the fit does). The pair fits are computed once, on at most ``max_positions`` output positions drawn
+    with a fixed seed (the same draw as :func:`fit_ghost_from_activations`), and :func:`assign_ghosts` picks
+    intrinsics and ghosts for each ratio: a ratio's value is ``fit.relative_error ** 2`` of the fit with those
+    positions. Dimensionless, in ``[0, 1]``; intrinsic channels are exact, so only the ghosts contribute.
+
+    Raises:
+        ValueError: naming ``name`` for outputs that are not a finite ``(B, O, ...)`` tensor of 1 to 3 spatial
+            dimensions, or a ratio, ``dw_size`` or ``max_positions`` out of range.
+
+    Example::
+
+        >>> conv = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+        >>> errors = ghost_output_errors(conv(torch.randn(2, 8, 8, 8)), (2, 4))
+        >>> 0 <= errors[2] <= errors[4] <= 1
+        True
+    """
+    check_instance(f"{name}: outputs", outputs, Tensor)
+    if not 3 <= outputs.dim() <= 5:
+        raise ValueError(
+            f"{name}: outputs of shape {tuple(outputs.shape)} are not a conv's outputs; valid shapes are (B, O, L), "
+            "(B, O, H, W) and (B, O, D, H, W)"
+        )
+    check_finite_tensor(f"{name}: outputs", outputs)
+    check_int("max_positions", max_positions, 1, owner=name)
+    for ratio in ratios:
+        check_ghost_sizes(ratio, dw_size, owner=name)
+    if not ratios:
+        return {}
+    fits = _activation_fits(outputs.detach().float(), dw_size, bias, max_positions)[0]
+    result = {}
+    for ratio in ratios:
+        _, _, owners, ghosts = fits.assign(ratio)
+        result[ratio] = fits.squared_error(owners, ghosts)
+    return result
+
+
+def _activation_fits(
+    outputs: Tensor, dw_size: int, centre: bool, max_positions: int
+) -> tuple[_PairFits, Tensor | None, Tensor | None]:
+    """The pair fits of every output channel from every other on the outputs ``(B, O, ...)`` of a conv: at most
+    ``max_positions`` positions (batch x spatial; drawn with seed 0 when there are more), their ``d``-neighbourhoods
+    per spatial side (the cheap conv's zero padding), centred when ``centre`` (a layer with a bias: each ghost gets
+    its own intercept). Returns the fits and the patch ``(O, d^n)`` and target ``(O,)`` means (``None`` uncentred)."""
+    with torch.no_grad():
+        positions = outputs.shape[0] * math.prod(outputs.shape[2:])
+        if positions > max_positions:
+            keep = torch.randperm(positions, generator=torch.Generator().manual_seed(0))[:max_positions]
+        else:
+            keep = torch.arange(positions)
+        patches, targets = _neighbourhoods(outputs, keep.to(outputs.device), dw_size)
+        patch_means = target_means = None
+        if centre:
+            patch_means, target_means = patches.mean(-1), targets.mean(-1)
+            patches = patches - patch_means[..., None]
+            targets = targets - target_means[:, None]
+        gram = patches @ patches.transpose(1, 2)  # (I, d², d²)
+        cross = torch.einsum("iqn,on->ioq", patches, targets)
+        target_sq = targets.pow(2).sum(1)
+        fits = _PairFits(gram, cross, target_sq, dw_size, dims=outputs.dim() - 2)
+    return fits, patch_means, target_means
 
 
 def _neighbourhoods(outputs: Tensor, keep: Tensor, dw_size: int) -> tuple[Tensor, Tensor]:

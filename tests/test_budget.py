@@ -211,3 +211,63 @@ def test_allocation_fills_back_what_the_descent_overshot() -> None:
     _allocate(plan, "test")
     assert plan.choices() == {"a": "dense", "b": "ghost s=4"}
     assert plan.fraction("macs") == 0.5 and plan.sensitivity == pytest.approx(0.3)
+
+
+def _nd_net(dims: int, transposed: bool = False) -> nn.Module:
+    """Plain convs of ``dims`` spatial dimensions; a same-size transposed conv in the middle when ``transposed``."""
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    middle = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dims] if transposed else conv
+    torch.manual_seed(0)
+    return nn.Sequential(
+        conv(3, 16, 3, padding=1),
+        nn.ReLU(),
+        conv(16, 24, 3, padding=1, bias=False),
+        nn.ReLU(),
+        middle(24, 24, 3, padding=1),
+        nn.ReLU(),
+        conv(24, 16, 3, padding=1),
+        nn.ReLU(),
+        conv(16, 4, 1),
+    ).eval()
+
+
+_ND_SPATIAL = {1: (40,), 2: (12, 12), 3: (6, 6, 6)}
+
+
+@pytest.mark.parametrize("method", ["ghost", "structured"])
+@pytest.mark.parametrize("dims", [1, 3])
+def test_nd_convs_are_planned_and_counted_like_count_complexity(dims: int, method: str) -> None:
+    """Conv1d/Conv3d become GhostConv1d/3d or StructuredConv1d/3d; the plan's MACs and params are those counted on
+    the converted model, and it restructures into a fresh model."""
+    model = _nd_net(dims)
+    example = torch.randn(1, 3, *_ND_SPATIAL[dims], generator=torch.Generator().manual_seed(0))
+    calibration = torch.randn(4, 3, *_ND_SPATIAL[dims], generator=torch.Generator().manual_seed(1))
+    before = count_complexity(model, example_input=example)
+    result = compress_to_budget(model, example, macs=0.6, methods=(method,), calibration=calibration)
+    after = count_complexity(model, example_input=example)
+    assert after.macs / before.macs == pytest.approx(result.budget.fraction("macs"), abs=1e-12)
+    assert after.macs <= 0.6 * before.macs
+    assert after.params / before.params == pytest.approx(result.budget.fraction("params"), abs=1e-12)
+    kind = f"{'Ghost' if method == 'ghost' else 'Structured'}Conv{dims}d"
+    assert result.converted and all(type(model.get_submodule(n)).__name__ == kind for n in result.converted)
+    assert all(0 <= c.sensitivity < 1 for layer in result.budget.layers for c in layer.candidates)
+    fresh = _nd_net(dims)
+    restructure(fresh, model.state_dict())
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(calibration), model(calibration), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_transposed_convs_are_skipped_with_the_reason(dims: int) -> None:
+    model = _nd_net(dims, transposed=True)
+    middle = model[4]
+    example = torch.randn(2, 3, *_ND_SPATIAL[dims])
+    plan = plan_budget(model, example, macs=0.7)
+    reasons = {entry.name: entry.reason for entry in plan.skipped}
+    assert reasons["4"] == budget_module.TRANSPOSED_REASON and "4" not in plan.choices()
+    assert set(plan.choices()) == {"2", "6"}
+    compress_to_budget(model, example, macs=0.7)
+    assert model[4] is middle
+    with pytest.raises(ValueError, match=r"no layer can be planned .*4: transposed conv: not planned by budgets"):
+        plan_budget(model, example, macs=0.7, include="4")

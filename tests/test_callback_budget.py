@@ -1,6 +1,7 @@
-"""Budgets in the callbacks (``target_macs``/``target_params``): the plan made on a recorded training batch, met when
-counted independently after fit, carried in the callback state across a resume, refused when unreachable with the
-model unchanged, and identical on 2 DDP ranks (tests/scripts/ddp_budget.py)."""
+"""Budgets in the callbacks (``target_macs``/``target_params``/``target_latency_ms``): the plan made on a recorded
+training batch, met when counted independently after fit (latency: by the plan's own predicted total, with a stubbed
+timer), carried in the callback state across a resume, refused when unreachable with the model unchanged, and
+identical on 2 DDP ranks (tests/scripts/ddp_budget.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from nets import USER_TARGETS, run_script, user_trainer
 from torch import nn
 
 from lightning_cheapconv import GhostConv2d, GhostConvCallback, StructuredConv2d, StructuredConvCallback
+from lightning_cheapconv import budget as budget_module
 from lightning_cheapconv.complexity import count_complexity
+from lightning_cheapconv.deploy import Latency
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
@@ -129,3 +132,106 @@ def test_ddp_plan_identical_on_two_ranks(tmp_path: Path) -> None:
         assert ranks[0]["sha256"] == ranks[1]["sha256"]
         assert ranks[0]["macs_fraction"] <= 0.6 + 1e-9
         assert ranks[0]["distill"] > 0
+
+
+# -- latency budgets, with a stubbed timer (no real timing in tests) -----------------------------------------------
+MODEL_MS, DENSE_MS, STRUCTURED_MS = 10.0, 2.0, 1.5
+"""The stubbed timer: the whole model 10 ms; each planned layer 2 ms dense, 2/s ms as a Ghost module with ratio s,
+1.5 ms structured. The 3 planned layers (USER_TARGETS) leave 10 - 3·2 = 4 ms outside them."""
+
+
+def _stub_ms(label: str) -> float:
+    if label == "model":
+        return MODEL_MS
+    if label.startswith("ghost s="):
+        return DENSE_MS / int(label.removeprefix("ghost s="))
+    return DENSE_MS if label == "dense" else STRUCTURED_MS
+
+
+def _form_ms(layer: nn.Module) -> float:
+    """What the stub gives the form ``layer`` ended in."""
+    if isinstance(layer, GhostConv2d):
+        return DENSE_MS / layer.ratio
+    return STRUCTURED_MS if isinstance(layer, StructuredConv2d) else DENSE_MS
+
+
+@pytest.fixture
+def stub_timing(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
+    """Replace the planner's timer with :func:`_stub_ms` and record each plan made (and the model's state and layer
+    types when planning starts)."""
+    seen: dict[str, list] = {"timed": [], "plans": [], "before": []}
+    real_plan_budget = budget_module.plan_budget
+
+    def fake_timer(candidates: dict, *args: Any, **kwargs: Any) -> dict[str, Latency]:
+        seen["timed"].append(sorted(candidates))
+        return {label: Latency((_stub_ms(label),)) for label in candidates}
+
+    def recording_plan_budget(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        seen["before"].append((state, [(n, type(m)) for n, m in model.named_modules()]))
+        plan = real_plan_budget(model, *args, **kwargs)
+        seen["plans"].append(plan)
+        return plan
+
+    monkeypatch.setattr(budget_module, "time_interleaved", fake_timer)
+    monkeypatch.setattr(budget_module, "plan_budget", recording_plan_budget)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [
+        (lambda: GhostConvCallback(start_epoch=1, verbose=0, target_latency_ms=8.5), GhostConv2d),
+        (lambda: StructuredConvCallback(verbose=0, target_latency_ms=8.5), StructuredConv2d),
+    ],
+    ids=["ghost", "structured"],
+)
+def test_latency_budget_met_by_the_plans_predicted_total(
+    project: Any, stub_timing: dict[str, list], make: Any, kind: type
+) -> None:
+    project.lp.seed_everything(0)
+    model = project.Model(scheduler="none")
+    callback = make()
+    trainer = user_trainer(project.lp, max_epochs=2, callbacks=[callback])
+    trainer.fit(model, datamodule=project.DataModule())
+    [plan] = stub_timing["plans"]  # planned once, on the recorded training batch
+    assert ["model"] in stub_timing["timed"] and any("dense" in labels for labels in stub_timing["timed"])
+    assert plan.budgets == {"latency_ms": 8.5} and [layer.name for layer in plan.layers] == list(USER_TARGETS)
+    assert plan.before["latency_ms"] == MODEL_MS
+    assert plan.fixed["latency_ms"] == pytest.approx(MODEL_MS - len(USER_TARGETS) * DENSE_MS)
+    assert all(c.latency_ms == _stub_ms(c.label) for layer in plan.layers for c in layer.candidates)
+    assert plan.total("latency_ms") <= 8.5
+    # The converted model, read back through the stub, predicts the plan's total: the plan is what was applied.
+    final = plan.fixed["latency_ms"] + sum(_form_ms(model.get_submodule(n)) for n in USER_TARGETS)
+    assert final == pytest.approx(plan.total("latency_ms"))
+    converted = {n for n, c in callback.budget_plan.items() if c["method"] != "dense"}
+    assert converted == {layer.name for layer in plan.layers if layer.choice.method != "dense"} and converted
+    assert {n for n in USER_TARGETS if isinstance(model.get_submodule(n), kind)} == converted
+
+
+@pytest.mark.parametrize(
+    ("make", "smallest"),
+    [
+        # Every layer at its cheapest candidate: 4 ms outside + 3 x 2/4 ms (Ghost s=4) or 3 x 1.5 ms (structured).
+        (lambda: GhostConvCallback(start_epoch=1, verbose=0, target_latency_ms=3.0), r"5\.5 ms"),
+        (lambda: StructuredConvCallback(verbose=0, target_latency_ms=3.0), r"8\.5 ms"),
+    ],
+    ids=["ghost", "structured"],
+)
+def test_unreachable_latency_budget_refused_naming_the_smallest_reachable_model_unchanged(
+    project: Any, stub_timing: dict[str, list], make: Any, smallest: str
+) -> None:
+    project.lp.seed_everything(0)
+    model = project.Model(scheduler="none")
+    trainer = user_trainer(project.lp, max_epochs=2, callbacks=[make()])
+    with pytest.raises(
+        MisconfigurationException,
+        match=rf"latency_ms=3 cannot be met: the smallest reachable value is {smallest} .*the model is unchanged",
+    ):
+        trainer.fit(model, datamodule=project.DataModule())
+    assert stub_timing["plans"] == []  # refused, not planned
+    [(state, modules)] = stub_timing["before"]
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules
+    now = model.state_dict()
+    assert now.keys() == state.keys() and all(torch.equal(now[k], v) for k, v in state.items())
+    assert all(type(model.get_submodule(n)) is nn.Conv2d for n in USER_TARGETS)

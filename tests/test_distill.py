@@ -72,7 +72,8 @@ def test_added_gradient_is_autograd_of_the_stated_loss(factor: float, logits: bo
     out = model(x)
     for handle in handles:
         handle.remove()
-    stated = sum(feature_distill_loss(o, teacher.get_submodule(n)(i).detach()) for n, (i, o) in seen.items())
+    features = [feature_distill_loss(o, teacher.get_submodule(n)(i).detach()) for n, (i, o) in seen.items()]
+    stated = sum(features) / len(features)  # the mean over the distilled layers
     if logits:
         stated = stated + logit_distill_loss(out, teacher(x).detach(), temperature)
     (F.cross_entropy(out, y) + factor * weight * stated).backward()

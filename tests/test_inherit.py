@@ -21,6 +21,7 @@ from lightning_cheapconv.inherit import (
     assign_ghosts,
     fit_ghost_from_activations,
     fit_ghost_from_kernels,
+    ghost_output_errors,
 )
 from lightning_cheapconv.nn import GhostConv2d
 
@@ -407,6 +408,46 @@ def test_activation_fit_gathers_exactly_what_unfolding_gave(shape, dw_size, max_
     assert fit.relative_error == expected.relative_error
 
 
+_CONV_BY_DIMS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+@pytest.mark.parametrize(
+    "dims,spatial,max_positions",
+    [(2, (9, 7), 16384), (2, (12, 12), 100), (1, (30,), 16384), (3, (4, 5, 6), 64)],
+    ids=["2d", "2d-subsampled", "1d", "3d-subsampled"],
+)
+@pytest.mark.parametrize("bias", [False, True])
+def test_output_errors_are_the_activation_fit_errors(dims, spatial, max_positions, bias):
+    """One implementation: each ratio's output error is the squared relative error of the fit that inheritance on
+    activations makes from the same outputs and positions."""
+    torch.manual_seed(0)
+    conv = _CONV_BY_DIMS[dims](5, 12, 3, padding=1, bias=bias)
+    x = torch.randn(3, 5, *spatial)
+    with torch.no_grad():
+        errors = ghost_output_errors(conv(x), (2, 3, 4), 3, bias, max_positions)
+    for ratio in (2, 3, 4):
+        fit = fit_ghost_from_activations(conv, x, ratio, 3, max_positions)
+        assert errors[ratio] == pytest.approx(fit.relative_error**2, rel=1e-12, abs=0)
+    assert 0 < errors[2] < 1 and 0 < errors[4] < 1
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_output_errors_are_the_converted_layers_measured_error(bias):
+    """Fitted on every position, the error is what the Ghost module built by inheritance really makes: the squared
+    relative error of its output (around the means with a bias: the ghosts' intercepts are fitted)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 16, 3, padding=1, bias=bias)
+    x = torch.randn(2, 6, 8, 8)
+    with torch.no_grad():
+        y = conv(x)
+        ghost, _ = ghost_from_conv(conv, 2, 3, "inherit", x)
+        energy = (y - y.mean((0, 2, 3), keepdim=True) if bias else y).pow(2).sum()
+        measured = float((ghost(x) - y).pow(2).sum() / energy)
+        errors = ghost_output_errors(y, (2,), 3, bias)
+    assert measured > 0.05  # a real approximation, not a trivial one
+    assert errors[2] == pytest.approx(measured, rel=1e-4)
+
+
 _PEAK_SCRIPT = """
 import resource, sys, torch
 from torch import nn
@@ -443,6 +484,14 @@ def test_activation_fit_peak_memory_is_bounded_by_the_output_not_its_unfolding()
         (
             lambda c: fit_ghost_from_activations(c, torch.full((2, 4, 6, 6), float("nan")), 2, 3, name="c1"),
             r"c1: inputs \(shape \(2, 4, 6, 6\)\) has 288 non-finite",
+        ),
+        (lambda c: ghost_output_errors(torch.randn(2, 8), (2,), name="c1"), r"c1: outputs of shape \(2, 8\) are not"),
+        (lambda c: ghost_output_errors(torch.randn(2, 8, 4, 4), (1,), name="c1"), "c1: ratio=1 is out of range"),
+        (lambda c: ghost_output_errors(torch.randn(2, 8, 4, 4), (2,), 2, name="c1"), "c1: dw_size=2 is out of range"),
+        (lambda c: ghost_output_errors(torch.randn(2, 8, 4), (2,), max_positions=0), "max_positions=0 is out of range"),
+        (
+            lambda c: ghost_output_errors(torch.full((1, 2, 2), float("nan")), (2,), name="c1"),
+            r"c1: outputs \(shape \(1, 2, 2\)\) has 4 non-finite",
         ),
         (lambda c: assign_ghosts(torch.rand(4, 3), 2), r"errors must be a non-empty square \(O, O\) matrix"),
         (lambda c: assign_ghosts(torch.full((4, 4), float("nan")), 2), "errors .* non-finite"),

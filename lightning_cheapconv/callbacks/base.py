@@ -160,6 +160,10 @@ class CheapConvCallback(Callback):
         """Whether the cheap modules carry integer buffers (default: no)."""
         return False
 
+    def _budget_methods(self) -> tuple[str, ...]:
+        """The methods a budget plan chooses from (default: this callback's own)."""
+        return (self.method,)
+
     def _set_choice(self, name: str, choice: dict[str, Any]) -> None:
         """Take a budget plan's choice for ``name`` (a converted layer's hyper-parameters)."""
         raise NotImplementedError
@@ -188,7 +192,7 @@ class CheapConvCallback(Callback):
                     plan = plan_budget(
                         pl_module,
                         example.to(pl_module.device),
-                        methods=(self.method,),
+                        methods=self._budget_methods(),
                         include=list(self.todo),
                         skip_first=False,
                         skip_last=False,
@@ -220,7 +224,7 @@ class CheapConvCallback(Callback):
             plan_budget(
                 pl_module,
                 example,
-                methods=(self.method,),
+                methods=self._budget_methods(),
                 include=list(self.todo),
                 skip_first=False,
                 skip_last=False,
@@ -554,6 +558,9 @@ class CheapConvCallback(Callback):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        choices = state_dict.get("budget_plan")
+        if self.budgets and choices is not None and self._trainer is not None and self.plan:
+            self._apply_choices(self._trainer.lightning_module, choices)  # the plan of the run that saved it
         saved = state_dict.get("targets")
         if saved is not None and self.plan and list(saved) != self.targets:
             rank_zero_warn(
@@ -563,9 +570,6 @@ class CheapConvCallback(Callback):
         self._saved_optimizer_params = state_dict.get("optimizer_params")
         if self.distiller is not None:
             self.distiller.load_state(state_dict.get("teacher"))
-        choices = state_dict.get("budget_plan")
-        if self.budgets and choices is not None and self._trainer is not None and self.plan:
-            self._apply_choices(self._trainer.lightning_module, choices)  # the plan of the run that saved it
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         self._loaded_checkpoint = checkpoint  # its optimizer state is restored after on_fit_start

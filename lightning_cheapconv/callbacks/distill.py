@@ -10,10 +10,12 @@ loss the user returns):
   ``s_l`` against the *original* layer's output on the *same* input, ``t_l = T_l(x_l)`` (the teacher's layer at that
   name, run on the student's input to the layer), normalized by the teacher output's energy::
 
-      L_feat = Σ_l ‖s_l - t_l‖² / ‖t_l‖²          (sums over the whole batch; t_l a constant)
+      L_feat = (1/L) Σ_l ‖s_l - t_l‖² / ‖t_l‖²    (L distilled layers; sums over the whole batch; t_l a constant)
 
-  the squared relative output error that :mod:`lightning_cheapconv.budget` uses as a layer's sensitivity, so the term
-  starts at the plan's predicted sensitivity and is free of the layers' scales;
+  the squared relative output error that :mod:`lightning_cheapconv.budget` uses as a layer's sensitivity, so each
+  layer's term starts at its predicted sensitivity and is free of the layer's scale. The mean over the layers (not
+  their sum) keeps the term's size and gradient independent of how many layers were converted, so one
+  ``distill_weight`` suits a ResNet-20 and a ResNet-50 alike;
 - **logits** (optional; Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015): the whole
   teacher on the same forward call, ``L_kd = T² · KL(softmax(z_t / T) ‖ softmax(z_s / T))`` over dim 1 (the class
   dimension, as ``F.cross_entropy`` takes it), averaged over the batch and any further positions.
@@ -202,9 +204,11 @@ class Distiller:
             return
         self._place(model)
         self._factor = factor
-        for name in self.teacher_layers(names):
+        layers = self.teacher_layers(names)
+        for name in layers:
             layer = model.get_submodule(name)
-            self._handles.append(layer.register_forward_hook(self._feature_hook(self.teacher.get_submodule(name))))
+            hook = self._feature_hook(self.teacher.get_submodule(name), 1.0 / len(layers))
+            self._handles.append(layer.register_forward_hook(hook))
         if self.logits:
             self._handles += [
                 model.register_forward_pre_hook(self._enter, with_kwargs=True),
@@ -221,11 +225,11 @@ class Distiller:
         losses, self.losses = self.losses, []
         return torch.stack(losses).sum() if losses else None
 
-    def _add(self, output: Tensor, loss_of: Callable[[Tensor], Tensor]) -> None:
+    def _add(self, output: Tensor, loss_of: Callable[[Tensor], Tensor], share: float = 1.0) -> None:
         """Compute ``weight · loss_of(output)`` and its gradient now; add the gradient to ``output``'s in backward."""
         with torch.enable_grad():
             copy_ = output.detach().requires_grad_(True)
-            loss = self.weight * loss_of(copy_)
+            loss = self.weight * share * loss_of(copy_)
             (grad,) = torch.autograd.grad(loss, copy_)
         self.losses.append(loss.detach().float())
         factor = self._factor
@@ -235,13 +239,13 @@ class Distiller:
 
         output.register_hook(add)
 
-    def _feature_hook(self, original: nn.Module) -> Callable:
+    def _feature_hook(self, original: nn.Module, share: float) -> Callable:
         def hook(_module: nn.Module, args: tuple, output: Any) -> None:
             if not isinstance(output, Tensor) or not output.requires_grad or not args:
                 return
             with torch.no_grad():
                 target = original(args[0].to(next(original.parameters()).dtype))
-            self._add(output, lambda s: feature_distill_loss(s, target))
+            self._add(output, lambda s: feature_distill_loss(s, target), share)
 
         return hook
 

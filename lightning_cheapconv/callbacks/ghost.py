@@ -111,6 +111,7 @@ class GhostConvCallback(CheapConvCallback):
 
     method = "ghost"
     cheap_types = GHOST_TYPES
+    form_name = "Ghost"  # what converted layers are called in the log lines and the report
 
     def __init__(
         self,
@@ -268,22 +269,15 @@ class GhostConvCallback(CheapConvCallback):
         self._snapshot_teacher(trainer, pl_module)
         inputs: dict[str, Tensor] = {}
         calls = [call.to(pl_module.device) for call in self._calls]
-        fitted = [n for n in names if fits_on_activations(pl_module.get_submodule(n))]  # transposed: kernel space
-        if calls and self.init == "inherit" and fitted:
+        fitted = [n for n in names if self._fits_on_inputs(pl_module, n)]
+        if calls and fitted:
             inputs = capture_inputs(pl_module, calls, fitted)
         new_modules: dict[str, nn.Module] = {}
         errors: dict[str, float | None] = {}
         for name in names:
             old = pl_module.get_submodule(name)
-            new, error = ghost_from_conv(old, self.ratio_for(name), self.dw_size, self.init, inputs.get(name), name)
+            new, error = self._build(trainer, name, old, inputs.get(name))
             new.train(old.training)
-            # Rank 0's fit (its calibration data, its numerics) on every rank. Its channel assignment
-            # first: an identity assignment stores no ``output_index`` buffer, so ranks whose fits
-            # differ would otherwise broadcast different lists of tensors.
-            index = None if new.output_index is None else new.output_index.tolist()
-            index, error = trainer.strategy.broadcast((index, error), src=0)
-            new.set_output_index(index)
-            broadcast_module(new)
             new_modules[name], errors[name] = new, error
         if mid_fit:
             for name, new in new_modules.items():
@@ -306,13 +300,32 @@ class GhostConvCallback(CheapConvCallback):
                 f"\n  {n}: fit error {e:.3g}" if e is not None else f"\n  {n}" for n, e in errors.items()
             )
             rank_zero_info(
-                f"GhostConvCallback: {when}: converted {len(names)} layer(s) "
-                f"({len(self.fit_errors)}/{len(self.targets)} now Ghost{detail})"
+                f"{type(self).__name__}: {when}: converted {len(names)} layer(s) "
+                f"({len(self.fit_errors)}/{len(self.targets)} now {self.form_name}{detail})"
                 + (per_layer if self.verbose > 1 else "")
             )
 
+    def _fits_on_inputs(self, pl_module: LightningModule, name: str) -> bool:
+        """Whether layer ``name`` is fitted on its recorded inputs (inheritance on activations; transposed convs are
+        fitted in kernel space)."""
+        return self.init == "inherit" and fits_on_activations(pl_module.get_submodule(name))
+
+    def _build(
+        self, trainer: Trainer, name: str, old: nn.Module, inputs: Tensor | None
+    ) -> tuple[nn.Module, float | None]:
+        """The Ghost module replacing ``old`` and its fit error, identical on every rank (rank 0's)."""
+        new, error = ghost_from_conv(old, self.ratio_for(name), self.dw_size, self.init, inputs, name)
+        # Rank 0's fit (its calibration data, its numerics) on every rank. Its channel assignment first: an identity
+        # assignment stores no ``output_index`` buffer, so ranks whose fits differ would otherwise broadcast
+        # different lists of tensors.
+        index = None if new.output_index is None else new.output_index.tolist()
+        index, error = trainer.strategy.broadcast((index, error), src=0)
+        new.set_output_index(index)
+        broadcast_module(new)
+        return new, error
+
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._report(pl_module, "GhostConvCallback: original vs Ghost")
+        self._report(pl_module, f"{type(self).__name__}: original vs {self.form_name}")
 
     def state_dict(self) -> dict[str, Any]:
         errors = {n: (float(e) if e is not None else None) for n, e in self.fit_errors.items()}

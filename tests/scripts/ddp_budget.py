@@ -1,9 +1,11 @@
 """Budgets and distillation under DDP (2 CPU processes, gloo), launched by tests/test_callback_budget.py.
 
-Usage: ``python ddp_budget.py OUT_DIR PACKAGE`` with ``PACKAGE`` ``pytorch_lightning`` or ``lightning.pytorch``. Modes
-(one fit each, in the same processes): ``ghost`` (``GhostConvCallback(target_macs=0.6, start_epoch=1, distill=True,
-distill_logits=True)``: planned on rank 0 at the first stage, mid-fit) and ``structured``
-(``StructuredConvCallback(target_macs=0.6, distill=True)``: planned after the first training batch).
+Usage: ``python ddp_budget.py OUT_DIR PACKAGE [MODE ...]`` with ``PACKAGE`` ``pytorch_lightning`` or
+``lightning.pytorch``. Modes (one fit each, in the same processes; default ``ghost structured``): ``ghost``
+(``GhostConvCallback(target_macs=0.6, start_epoch=1, distill=True, distill_logits=True)``: planned on rank 0 at the
+first stage, mid-fit), ``structured`` (``StructuredConvCallback(target_macs=0.6, distill=True)``: planned after the
+first training batch) and ``budget`` (``BudgetConvCallback(target_macs=0.6, start_epoch=1, distill=True)``: a mixed
+plan, Ghost layers fitted on rank 0's calibration batches).
 
 Each rank writes ``OUT_DIR/{mode}_rank{r}.json``: the world size, the budget plan, a SHA-256 of all final parameters,
 the MAC fraction counted after fit and the last logged ``train/distill``.
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from nets import user_project, user_trainer
 
-from lightning_cheapconv import GhostConvCallback, StructuredConvCallback
+from lightning_cheapconv import BudgetConvCallback, GhostConvCallback, StructuredConvCallback
 from lightning_cheapconv.complexity import count_complexity
 
 
@@ -31,6 +33,8 @@ def run(out_dir: Path, namespace: str, mode: str) -> None:
     before = count_complexity(model, input_shape=(1, 3, 8, 8)).macs
     if mode == "ghost":
         callback = GhostConvCallback(start_epoch=1, verbose=0, target_macs=0.6, distill=True, distill_logits=True)
+    elif mode == "budget":
+        callback = BudgetConvCallback(target_macs=0.6, start_epoch=1, calibration_batches=2, verbose=0, distill=True)
     else:
         callback = StructuredConvCallback(verbose=0, target_macs=0.6, distill=True)
     trainer = user_trainer(lp, max_epochs=3, devices=2, strategy="ddp", callbacks=[callback])
@@ -50,5 +54,5 @@ def run(out_dir: Path, namespace: str, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    for name in ("ghost", "structured"):
+    for name in sys.argv[3:] or ("ghost", "structured"):
         run(Path(sys.argv[1]), sys.argv[2], name)

@@ -1,0 +1,185 @@
+"""BudgetConvCallback: one per-layer plan mixing Ghost, structured and dense layers meets a budget during ``fit``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from torch import Tensor, nn
+
+from .._lightning import LightningModule, MisconfigurationException, Trainer
+from ..budget import METHODS, _selection, check_methods
+from ..convert import CHEAP_TYPES, LayerPlan, structured_from_dense, structured_like
+from ..structure import StructureSpec
+from .base import Patterns
+from .ghost import GhostConvCallback
+from .schedule import Order
+from .surgery import broadcast_module
+
+__all__ = ["BudgetConvCallback"]
+
+
+class BudgetConvCallback(GhostConvCallback):
+    r"""Compress a network to a budget during ``fit``: one per-layer plan that keeps each selected conv dense, makes
+    it a Ghost module (Han et al., CVPR 2020) or a structured convolution (Bhalgat et al., NeurIPS 2020), whichever
+    meets the budget with the least total sensitivity.
+
+    When the first stage starts, :func:`lightning_cheapconv.plan_budget` plans the layers on the first recorded
+    training batch (rank 0; the plan is broadcast and kept in the callback state, so a resumed run continues with
+    it): candidates per layer are dense, Ghost with ``s`` in {2, 3, 4} (``d = 3``) and structured ``(c, n)`` on a grid;
+    each is costed (MACs, parameters, and with ``target_latency_ms`` its measured latency) and scored (its squared
+    relative output error on the batch), and a greedy multiple-choice knapsack meets every budget given (see
+    :mod:`lightning_cheapconv.budget`). The layers then convert in one step per stage, as
+    :class:`GhostConvCallback` converts them: Ghost layers inherit the trained weights, fitted on the recorded
+    training batches' activations; structured layers are the trained kernels projected onto the structure and
+    decomposed (:class:`~lightning_cheapconv.nn.StructuredConv2d`, no regularization phase, which is what
+    :class:`StructuredConvCallback` adds for one uniform structure); the BatchNorm statistics are re-estimated on the
+    recorded batches. Training then fine-tunes the mixed network, optionally distilled from the network as it was
+    before the conversion (``distill``). Stages, DDP, resume, logging (``compression/*``) and the fit-end report work as
+    in :class:`GhostConvCallback`; checkpoints carry each layer's structure record, so they restructure into a fresh
+    model (:func:`lightning_cheapconv.install_restructure_hook`).
+
+    Args:
+        target_macs, target_params: the fraction of the original model's MACs (per forward of the recorded input) or
+            parameters to keep, in ``(0, 1]`` (0.5 = half); the plan lands in ``[fraction - 0.02, fraction]`` where
+            the candidates allow, never above. ``target_latency_ms``: the whole model's latency in ms on the recorded
+            training batch (its device and batch size). At least one is required; all given are met. A budget that
+            cannot be met is refused before anything changes, naming the smallest reachable value: at setup when
+            ``example_input_array`` is set, else at the first stage.
+        methods: what a layer may become: ``("ghost", "structured")`` (default), or one of them.
+        include, exclude: glob patterns on qualified layer names.
+        calibration_batches: training batches whose forward inputs fit the Ghost inheritance on real activations and
+            re-estimate the BatchNorm statistics after each stage (0: kernel-space fit, statistics left to training);
+            planning always uses the first recorded batch.
+        start_epoch, end_epoch, stages, order, start_step, end_step: the schedule, as in :class:`GhostConvCallback`
+            (default: every planned layer at epoch 0, on its first training batch).
+        skip_first, skip_last: keep the stem and the prediction layers as they are.
+        verbose: 0 silent, 1 the plan table, a line per stage and the report, 2 per-layer details.
+        distill, distill_weight, distill_logits, distill_temperature: distillation from the network before its first
+            conversion, as in :class:`GhostConvCallback`.
+
+    Raises:
+        MisconfigurationException: no budget, an argument out of its range (the message names it, its value and the
+            range), a budget that cannot be met; at setup, no layer to convert, a sharded strategy or spawn launcher,
+            or Lightning's ``ModelPruning`` in the same Trainer.
+
+    Example::
+
+        # half the MACs at epoch 5, Ghost, structured and dense layers mixed, distilled from the dense network
+        callback = BudgetConvCallback(target_macs=0.5, start_epoch=5, calibration_batches=4, distill=True)
+        trainer = Trainer(max_epochs=10, callbacks=[callback])
+        trainer.fit(model, datamodule=dm)
+        callback.budget_plan["layer1.0.conv1"]     # {'method': 'structured', 'channels': 8, 'kernel_size': [2, 2]}
+    """
+
+    method = "budget"
+    cheap_types = CHEAP_TYPES
+    form_name = "converted"
+
+    def __init__(
+        self,
+        target_macs: float | None = None,
+        target_params: float | None = None,
+        target_latency_ms: float | None = None,
+        methods: str | Sequence[str] = METHODS,
+        include: Patterns = None,
+        exclude: Patterns = None,
+        calibration_batches: int = 4,
+        start_epoch: int | None = None,
+        end_epoch: int | None = None,
+        stages: int = 1,
+        order: Order = "deep_first",
+        skip_first: bool = True,
+        skip_last: bool = True,
+        verbose: int = 1,
+        start_step: int | None = None,
+        end_step: int | None = None,
+        distill: bool = False,
+        distill_weight: float = 1.0,
+        distill_logits: bool = False,
+        distill_temperature: float = 4.0,
+    ) -> None:
+        who = type(self).__name__
+        self.methods = check_methods(methods, who, MisconfigurationException)
+        super().__init__(
+            include,
+            exclude,
+            calibration_batches=calibration_batches,
+            start_epoch=start_epoch,
+            end_epoch=end_epoch,
+            stages=stages,
+            order=order,
+            skip_first=skip_first,
+            skip_last=skip_last,
+            verbose=verbose,
+            start_step=start_step,
+            end_step=end_step,
+            target_macs=target_macs,
+            target_params=target_params,
+            target_latency_ms=target_latency_ms,
+            distill=distill,
+            distill_weight=distill_weight,
+            distill_logits=distill_logits,
+            distill_temperature=distill_temperature,
+        )
+        if not self.budgets:
+            raise MisconfigurationException(
+                f"{who}: no budget given; pass at least one of target_macs (a fraction in (0, 1]), target_params (a "
+                "fraction in (0, 1]) and target_latency_ms (> 0)"
+            )
+        self.choices: dict[str, dict[str, Any]] = {}  # per-layer choice of the budget plan (ghost or structured)
+
+    def _budget_methods(self) -> tuple[str, ...]:
+        return self.methods
+
+    def _select(self, pl_module: LightningModule) -> list[LayerPlan]:
+        """Every layer one of :attr:`methods` can convert (the plan decides which, and how)."""
+        allowed, skipped, entries = _selection(
+            pl_module,
+            self.methods,
+            self.include,
+            self.exclude,
+            self.skip_first,
+            self.skip_last,
+            self._example_input_array(pl_module),
+        )
+        planned = [replace(entries[n], reason=f"to plan: {' or '.join(sorted(m))}") for n, m in allowed.items()]
+        return sorted(planned + skipped, key=lambda entry: entry.order)
+
+    def _set_choice(self, name: str, choice: dict[str, Any]) -> None:
+        self.choices[name] = choice
+        if choice["method"] == "ghost":
+            super()._set_choice(name, choice)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.choices = {}
+        super().setup(trainer, pl_module, stage)
+
+    def _structured(self, name: str) -> StructureSpec | None:
+        choice = self.choices.get(name)
+        if choice is None or choice["method"] != "structured":
+            return None
+        return StructureSpec(int(choice["channels"]), tuple(int(n) for n in choice["kernel_size"]))
+
+    def _make_cheap_twin(self, name: str, layer: nn.Module) -> nn.Module:
+        spec = self._structured(name)
+        if spec is None:
+            return super()._make_cheap_twin(name, layer)
+        return structured_like(layer, spec)
+
+    def _fits_on_inputs(self, pl_module: LightningModule, name: str) -> bool:
+        return self._structured(name) is None and super()._fits_on_inputs(pl_module, name)
+
+    def _build(
+        self, trainer: Trainer, name: str, old: nn.Module, inputs: Tensor | None
+    ) -> tuple[nn.Module, float | None]:
+        """A Ghost module (inherited weights) or the projected structured layer (its relative projection residual as
+        the error), identical on every rank (rank 0's)."""
+        spec = self._structured(name)
+        if spec is None:
+            return super()._build(trainer, name, old, inputs)
+        new, error = structured_from_dense(old, spec, name)
+        broadcast_module(new)
+        return new, trainer.strategy.broadcast(error, src=0)
