@@ -18,9 +18,11 @@ from torch import nn
 from lightning_cheapconv import (
     BudgetConvCallback,
     GhostConv2d,
+    GhostConvCallback,
     StructuredConv2d,
     install_restructure_hook,
 )
+from lightning_cheapconv.callbacks.distill import Distiller
 from lightning_cheapconv.complexity import count_complexity
 
 pytestmark = [
@@ -162,3 +164,24 @@ def test_ddp_mixed_plan_identical_on_two_ranks(tmp_path: Path) -> None:
     assert ranks[0]["sha256"] == ranks[1]["sha256"]
     assert ranks[0]["macs_fraction"] <= 0.6 + 1e-9
     assert ranks[0]["distill"] > 0
+
+
+def test_diverging_distillation_warns_once() -> None:
+    """The distillation loss of a step above 100x its first step's (or not finite) is reported once per teacher."""
+    distiller = Distiller(1.0, logits=False, temperature=1.0)
+    assert not distiller.diverged(0.5)  # the first step
+    assert not distiller.diverged(49.0)
+    assert distiller.diverged(51.0)
+    assert not distiller.diverged(1e9)  # reported once
+    distiller.load_state(None)  # a new teacher: watched again
+    assert distiller.diverged(float("nan"))
+
+
+def test_diverging_distillation_warns_in_fit(project: Any) -> None:
+    """A fit whose distillation explodes warns (here: an absurd distill_weight at a large learning rate)."""
+    project.lp.seed_everything(0)
+    model = project.Model(scheduler="none", lr=5.0)
+    callback = GhostConvCallback(start_epoch=0, ratio=2, verbose=0, distill=True, distill_weight=1e3)
+    trainer = user_trainer(project.lp, max_epochs=3, callbacks=[callback])
+    with pytest.warns(UserWarning, match=r"distillation is diverging: the distillation loss of a step reached"):
+        trainer.fit(model, datamodule=project.DataModule())

@@ -276,8 +276,17 @@ class CheapConvCallback(Callback):
             return
         self.distiller.detach()
         total = self.distiller.take_losses()
-        if total is not None:
-            pl_module.log("train/distill", total, on_step=True, on_epoch=True, prog_bar=False)
+        if total is None:
+            return
+        pl_module.log("train/distill", total, on_step=True, on_epoch=True, prog_bar=False)
+        if self.distiller.diverged(float(total)):
+            rank_zero_warn(
+                f"{type(self).__name__}: distillation is diverging: the distillation loss of a step reached "
+                f"{float(total):.3g} (its first step: {self.distiller.first_loss:.3g}). Known to happen when the "
+                "feature term meets small converted layers (structured layers with few hidden channels, say) at the "
+                "task's learning rate: lower distill_weight or the learning rate, clip gradients "
+                "(gradient_clip_val), or train without distill."
+            )
 
     # -- shared -----------------------------------------------------------------------------
     @property

@@ -40,6 +40,13 @@ class BudgetConvCallback(GhostConvCallback):
     in :class:`GhostConvCallback`; checkpoints carry each layer's structure record, so they restructure into a fresh
     model (:func:`lightning_cheapconv.install_restructure_hook`).
 
+    Structured layers fine-tune in their decomposed form (a small conv on the sum-pooled input), where each weight
+    stands for a whole pooling window of the dense kernel, so its gradient is that many times larger. At strong
+    compression (many layers at small ``c`` and ``n``, a quarter of the MACs, say) the first steps after the conversion
+    can then diverge: clip gradients (``Trainer(gradient_clip_val=1.0)``), plan with ``methods="ghost"``, or use
+    :class:`StructuredConvCallback`, which trains structured layers in their projected dense form
+    (``python -m benchmarks.budgets`` measures the mixed plans against both).
+
     Args:
         target_macs, target_params: the fraction of the original model's MACs (per forward of the recorded input) or
             parameters to keep, in ``(0, 1]`` (0.5 = half); the plan lands in ``[fraction - 0.02, fraction]`` where

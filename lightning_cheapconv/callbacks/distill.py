@@ -44,6 +44,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -58,6 +59,9 @@ from ..convert import DENSE_TYPES
 from ..validation import check_bool, check_finite_number
 
 __all__ = ["Distiller", "feature_distill_loss", "logit_distill_loss", "check_distill_arguments"]
+
+DIVERGENCE = 100.0
+"""A step's distillation loss above this many times the first step's is divergence (:meth:`Distiller.diverged`)."""
 
 
 def feature_distill_loss(student: Tensor, teacher: Tensor) -> Tensor:
@@ -146,6 +150,8 @@ class Distiller:
         self._open: list[list] = []
         self._factor: Callable[[], float] = lambda: 1.0
         self.losses: list[Tensor] = []
+        self.first_loss: float | None = None  # the first step's loss since the snapshot (:meth:`diverged`)
+        self._warned = False
 
     # -- the teacher ------------------------------------------------------------------------------------------
     def snapshot(self, model: nn.Module) -> None:
@@ -156,6 +162,7 @@ class Distiller:
         teacher.eval()
         teacher.requires_grad_(False)
         self.teacher, self._saved_state = teacher, None
+        self.first_loss, self._warned = None, False
 
     def state(self) -> dict[str, Tensor] | None:
         """The teacher's state dict on the CPU (for a checkpoint), or ``None`` before the snapshot."""
@@ -166,6 +173,7 @@ class Distiller:
     def load_state(self, state: dict[str, Tensor] | None) -> None:
         """Take a checkpoint's teacher (built from it at the next :meth:`attach`), or none."""
         self.teacher, self._saved_state = None, state
+        self.first_loss, self._warned = None, False
 
     def _build(self, model: nn.Module) -> None:
         """Rebuild the teacher saved in a checkpoint: a copy of ``model``, restructured to the saved state dict."""
@@ -219,6 +227,17 @@ class Distiller:
         for handle in self._handles:
             handle.remove()
         self._handles, self._open = [], []
+
+    def diverged(self, total: float) -> bool:
+        """Whether the distillation loss of a step, ``total``, shows divergence: not finite, or above
+        :data:`DIVERGENCE` times the first step's. True once per teacher (the first time only)."""
+        if self.first_loss is None:
+            self.first_loss = total
+            return not math.isfinite(total)
+        if self._warned or (math.isfinite(total) and total <= DIVERGENCE * max(self.first_loss, 1e-12)):
+            return False
+        self._warned = True
+        return True
 
     def take_losses(self) -> Tensor | None:
         """The sum of the terms added since the last call (weighted, unscaled), or ``None``; then forget them."""
