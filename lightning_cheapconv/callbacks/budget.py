@@ -6,21 +6,21 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
-from .._lightning import LightningModule, MisconfigurationException, Trainer
+from .._lightning import LightningModule, MisconfigurationException, Trainer, rank_zero_info
 from ..budget import METHODS, _selection, check_methods
-from ..convert import CHEAP_TYPES, LayerPlan, structured_from_dense, structured_like
+from ..convert import CHEAP_TYPES, LayerPlan, structured_like
 from ..structure import StructureSpec
 from .base import Patterns
 from .ghost import GhostConvCallback
+from .projection import ProjectedLayers
 from .schedule import Order
-from .surgery import broadcast_module
 
 __all__ = ["BudgetConvCallback"]
 
 
-class BudgetConvCallback(GhostConvCallback):
+class BudgetConvCallback(ProjectedLayers, GhostConvCallback):
     r"""Compress a network to a budget during ``fit``: one per-layer plan that keeps each selected conv dense, makes
     it a Ghost module (Han et al., CVPR 2020) or a structured convolution (Bhalgat et al., NeurIPS 2020), whichever
     meets the budget with the least total sensitivity.
@@ -30,22 +30,20 @@ class BudgetConvCallback(GhostConvCallback):
     it): candidates per layer are dense, Ghost with ``s`` in {2, 3, 4} (``d = 3``) and structured ``(c, n)`` on a grid;
     each is costed (MACs, parameters, and with ``target_latency_ms`` its measured latency) and scored (its squared
     relative output error on the batch), and a greedy multiple-choice knapsack meets every budget given (see
-    :mod:`lightning_cheapconv.budget`). The layers then convert in one step per stage, as
-    :class:`GhostConvCallback` converts them: Ghost layers inherit the trained weights, fitted on the recorded
-    training batches' activations; structured layers are the trained kernels projected onto the structure and
-    decomposed (:class:`~lightning_cheapconv.nn.StructuredConv2d`, no regularization phase, which is what
-    :class:`StructuredConvCallback` adds for one uniform structure); the BatchNorm statistics are re-estimated on the
-    recorded batches. Training then fine-tunes the mixed network, optionally distilled from the network as it was
-    before the conversion (``distill``). Stages, DDP, resume, logging (``compression/*``) and the fit-end report work as
-    in :class:`GhostConvCallback`; checkpoints carry each layer's structure record, so they restructure into a fresh
-    model (:func:`lightning_cheapconv.install_restructure_hook`).
-
-    Structured layers fine-tune in their decomposed form (a small conv on the sum-pooled input), where each weight
-    stands for a whole pooling window of the dense kernel, so its gradient is that many times larger. At strong
-    compression (many layers at small ``c`` and ``n``, a quarter of the MACs, say) the first steps after the conversion
-    can then diverge: clip gradients (``Trainer(gradient_clip_val=1.0)``), plan with ``methods="ghost"``, or use
-    :class:`StructuredConvCallback`, which trains structured layers in their projected dense form
-    (``python -m benchmarks.budgets`` measures the mixed plans against both).
+    :mod:`lightning_cheapconv.budget`). The layers then convert in one step per stage: Ghost layers as
+    :class:`GhostConvCallback` converts them (the trained weights inherited, fitted on the recorded training batches'
+    activations); structured layers are projected onto their structure in place and train projected (the dense kernel,
+    projected again after every optimizer step: :class:`StructuredConvCallback`'s projection phase, without its
+    regularization phase), and become :class:`~lightning_cheapconv.nn.StructuredConv2d` modules at fit end (exact).
+    Trained decomposed, a structured layer's small conv sees the sum-pooled input, each of its weights standing for a
+    whole pooling window of the dense kernel, so its gradient is that many times larger: at a quarter of the MACs the
+    first steps after conversion diverged; projected, the layer keeps the dense layer's conditioning. The BatchNorm
+    statistics are re-estimated on the recorded batches. Training then fine-tunes the mixed network, optionally
+    distilled from the network as it was before the conversion (``distill``). Stages, DDP, resume, logging
+    (``compression/*``: projected layers count as structured) and the fit-end report work as in
+    :class:`GhostConvCallback`; every checkpoint restructures into a fresh model
+    (:func:`lightning_cheapconv.install_restructure_hook`; checkpoints written during fit hold structured layers
+    dense and projected, as :class:`StructuredConvCallback`'s do).
 
     Args:
         target_macs, target_params: the fraction of the original model's MACs (per forward of the recorded input) or
@@ -135,7 +133,8 @@ class BudgetConvCallback(GhostConvCallback):
                 f"{who}: no budget given; pass at least one of target_macs (a fraction in (0, 1]), target_params (a "
                 "fraction in (0, 1]) and target_latency_ms (> 0)"
             )
-        self.choices: dict[str, dict[str, Any]] = {}  # per-layer choice of the budget plan (ghost or structured)
+        self.specs = {}  # the structured layers of the budget plan
+        self._reset_projection()
 
     def _budget_methods(self) -> tuple[str, ...]:
         return self.methods
@@ -155,38 +154,47 @@ class BudgetConvCallback(GhostConvCallback):
         return sorted(planned + skipped, key=lambda entry: entry.order)
 
     def _set_choice(self, name: str, choice: dict[str, Any]) -> None:
-        self.choices[name] = choice
-        if choice["method"] == "ghost":
+        if choice["method"] == "structured":
+            self.specs[name] = StructureSpec(int(choice["channels"]), tuple(int(n) for n in choice["kernel_size"]))
+        else:
             super()._set_choice(name, choice)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
-            self.choices = {}
+            self.specs = {}
+            self._reset_projection()
         super().setup(trainer, pl_module, stage)
 
-    def _structured(self, name: str) -> StructureSpec | None:
-        choice = self.choices.get(name)
-        if choice is None or choice["method"] != "structured":
-            return None
-        return StructureSpec(int(choice["channels"]), tuple(int(n) for n in choice["kernel_size"]))
-
     def _make_cheap_twin(self, name: str, layer: nn.Module) -> nn.Module:
-        spec = self._structured(name)
-        if spec is None:
-            return super()._make_cheap_twin(name, layer)
-        return structured_like(layer, spec)
+        spec = self.specs.get(name)
+        return super()._make_cheap_twin(name, layer) if spec is None else structured_like(layer, spec)
 
-    def _fits_on_inputs(self, pl_module: LightningModule, name: str) -> bool:
-        return self._structured(name) is None and super()._fits_on_inputs(pl_module, name)
+    def _due(self, trainer: Trainer, pl_module: LightningModule) -> list[str]:
+        return [n for n in super()._due(trainer, pl_module) if n not in self.projected]
 
-    def _build(
-        self, trainer: Trainer, name: str, old: nn.Module, inputs: Tensor | None
-    ) -> tuple[nn.Module, float | None]:
-        """A Ghost module (inherited weights) or the projected structured layer (its relative projection residual as
-        the error), identical on every rank (rank 0's)."""
-        spec = self._structured(name)
-        if spec is None:
-            return super()._build(trainer, name, old, inputs)
-        new, error = structured_from_dense(old, spec, name)
-        broadcast_module(new)
-        return new, trainer.strategy.broadcast(error, src=0)
+    def _convert_in_place(self, pl_module: LightningModule, names: list[str], when: str) -> list[str]:
+        """Project the structured layers of ``names`` (they train projected, dense, until fit end); return the
+        Ghost ones."""
+        structured = [n for n in names if n in self.specs]
+        if structured:
+            self.fit_errors.update(self._residuals(pl_module, structured))
+            self._start_projecting(pl_module, structured, when)
+        return [n for n in names if n not in self.specs]
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._project_after_step(trainer, pl_module)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.projected:
+            self._check_still_structured(trainer, pl_module)
+            dense = self._dense(pl_module, sorted(self.projected))
+            if dense:
+                self._decompose(trainer, pl_module, dense)
+                if self.verbose:
+                    error = self.decomposition_error
+                    check = "" if error is None else f"; max relative output difference {error:.2e}"
+                    rank_zero_info(f"{type(self).__name__}: decomposed {len(dense)} structured layer(s){check}")
+        super().on_fit_end(trainer, pl_module)

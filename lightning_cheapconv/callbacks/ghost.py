@@ -267,6 +267,7 @@ class GhostConvCallback(CheapConvCallback):
             self._pending, self._calls = [], []
             return
         self._snapshot_teacher(trainer, pl_module)
+        names = self._convert_in_place(pl_module, names, when)
         inputs: dict[str, Tensor] = {}
         calls = [call.to(pl_module.device) for call in self._calls]
         fitted = [n for n in names if self._fits_on_inputs(pl_module, n)]
@@ -289,11 +290,11 @@ class GhostConvCallback(CheapConvCallback):
             for norm in pl_module.modules():
                 if isinstance(norm, nn.modules.batchnorm._BatchNorm):
                     broadcast_module(norm)  # rank 0's statistics, from rank 0's calibration batches
-        if mid_fit:
+        if mid_fit and new_modules:
             rewrap(trainer)
         self.fit_errors.update(errors)
         self._pending, self._calls = [], []
-        if self.verbose:
+        if self.verbose and names:
             fitted = [e for e in errors.values() if e is not None]
             detail = f", mean fit error {sum(fitted) / len(fitted):.3g}" if fitted else f", init={self.init}"
             per_layer = "".join(
@@ -304,6 +305,10 @@ class GhostConvCallback(CheapConvCallback):
                 f"({len(self.fit_errors)}/{len(self.targets)} now {self.form_name}{detail})"
                 + (per_layer if self.verbose > 1 else "")
             )
+
+    def _convert_in_place(self, pl_module: LightningModule, names: list[str], when: str) -> list[str]:
+        """Convert those of ``names`` that change in place (none here) and return the others, to be replaced."""
+        return names
 
     def _fits_on_inputs(self, pl_module: LightningModule, name: str) -> bool:
         """Whether layer ``name`` is fitted on its recorded inputs (inheritance on activations; transposed convs are

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,26 +17,24 @@ from .._lightning import (
     rank_zero_info,
     rank_zero_warn,
 )
-from ..calls import ModelCall, tensors_in
 from ..convert import (
     STRUCTURED_TYPES,
     LayerPlan,
-    decompose_structured,
-    replace_modules,
     select_layers,
     structure_spec_for,
     structured_like,
 )
-from ..structure import StructureSpec, check_structure_ratios, project, structural_residual
+from ..structure import StructureSpec, check_structure_ratios, structural_residual
 from ..validation import check_bool, check_finite_number, check_instance, check_int
-from .base import CheapConvCallback, Patterns, short_list
+from .base import Patterns, short_list
+from .projection import ProjectedLayers
 from .schedule import Order, schedule_window
-from .surgery import check_strategy, swap_in_optimizers
+from .surgery import check_strategy
 
 __all__ = ["StructuredConvCallback"]
 
 
-class StructuredConvCallback(CheapConvCallback):
+class StructuredConvCallback(ProjectedLayers):
     r"""Train a network toward structured convolutions, then decompose it into sum-pool + small conv.
 
     From Bhalgat et al., "Structured Convolutions for Efficient Neural Network Design",
@@ -179,10 +177,8 @@ class StructuredConvCallback(CheapConvCallback):
         self.decompose_on_fit_end = decompose_on_fit_end
         self.export_path = Path(export_path) if export_path is not None else None
         self.specs: dict[str, StructureSpec] = {}
-        self.projected: set[str] = set()
         self.layer_residuals: dict[str, float] = {}
-        self.decomposition_error: float | None = None
-        self._last_projected_step = -1
+        self._reset_projection()
 
     # -- selection ----------------------------------------------------------------------------
     def _select(self, pl_module: LightningModule) -> list[LayerPlan]:
@@ -209,9 +205,6 @@ class StructuredConvCallback(CheapConvCallback):
     def _calibration_wanted(self) -> int:
         return 1 if self.budgets and self.budget_plan is None else 0  # the first training forward plans the budget
 
-    def _distilled_layers(self, pl_module: LightningModule) -> list[str]:
-        return sorted(set(self.projected) | self._cheap_now(pl_module))
-
     def _make_cheap_twin(self, name: str, layer: nn.Module) -> nn.Module:
         choice = (self.budget_plan or {}).get(name)
         if choice is not None and choice["method"] == "structured":
@@ -222,9 +215,6 @@ class StructuredConvCallback(CheapConvCallback):
                 layer, self.channel_ratio, self.kernel_reduction, self.kernel_size, name
             )
         return structured_like(layer, spec)
-
-    def _cheap_layers(self, pl_module: LightningModule) -> set[str]:
-        return set(self.projected) | self._cheap_now(pl_module)
 
     # -- setup ----------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -242,9 +232,8 @@ class StructuredConvCallback(CheapConvCallback):
         if window is not None and self.todo:
             start, end = window
             self._build_schedule(start, end, stages=min(end - start + 1, len(self.todo)))
-        self.projected = set()
-        self._last_projected_step = -1
-        self.layer_residuals, self.decomposition_error = {}, None  # nothing left from an earlier fit
+        self._reset_projection()
+        self.layer_residuals = {}  # nothing left from an earlier fit
         self._check_budget_at_setup(pl_module)
 
     def _projection_window(self, trainer: Trainer) -> tuple[int, int] | None:
@@ -346,20 +335,6 @@ class StructuredConvCallback(CheapConvCallback):
     # -- projection -----------------------------------------------------------------------------
     # Only layers still dense (``_dense``) are projected or regularized: a run resumed from a checkpoint saved after
     # the fit-end decomposition has them decomposed already, structured by construction.
-    def _residuals(self, pl_module: LightningModule, names: Sequence[str]) -> dict[str, float]:
-        """``‖(I-P)W‖/‖W‖`` of each of ``names`` still dense: how far a projection would move it."""
-        with torch.no_grad():
-            return {
-                n: float(structural_residual(pl_module.get_submodule(n).weight, self.specs[n]))
-                for n in self._dense(pl_module, names)
-            }
-
-    def _project(self, pl_module: LightningModule, names: Sequence[str]) -> None:
-        with torch.no_grad():
-            for name in self._dense(pl_module, names):
-                weight = pl_module.get_submodule(name).weight
-                weight.copy_(project(weight, self.specs[name]))
-
     def _project_due(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.schedule is None:
             return
@@ -379,18 +354,6 @@ class StructuredConvCallback(CheapConvCallback):
             self._project_due(trainer, pl_module)
         self._start_distilling(trainer, pl_module)
 
-    def _start_projecting(self, pl_module: LightningModule, names: Sequence[str], when: str) -> None:
-        moved = self._residuals(pl_module, names)
-        self._project(pl_module, names)
-        self.projected.update(names)
-        if self.verbose:
-            worst = max(moved.values(), default=0.0)
-            rank_zero_info(
-                f"StructuredConvCallback: {when}: projecting {len(names)} layer(s) "
-                f"({len(self.projected)}/{len(self.targets)} now structured; largest relative move {worst:.3g})"
-                + "".join(f"\n  {n}: moved {moved[n]:.3g}" for n in moved if self.verbose > 1)
-            )
-
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -399,10 +362,7 @@ class StructuredConvCallback(CheapConvCallback):
             example = self._calls[0] if self._calls else self._example
             self._calls = []
             self._plan_budget(trainer, pl_module, example, f"{self._when(trainer)} (first training batch)")
-        # Project after every optimizer step (global_step counts them), not after every micro-batch.
-        if self.projected and trainer.global_step != self._last_projected_step:
-            self._project(pl_module, sorted(self.projected))
-            self._last_projected_step = trainer.global_step
+        self._project_after_step(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.layer_residuals = self._residuals(pl_module, self.targets)
@@ -437,97 +397,3 @@ class StructuredConvCallback(CheapConvCallback):
             self.export_path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(pl_module.state_dict(), self.export_path)
             rank_zero_info(f"StructuredConvCallback: decomposed state dict saved to {self.export_path}")
-
-    def _check_still_structured(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Project the projected layers once more before decomposing. Their weights are structured unless
-        something replaced them after the last step: a weight-averaging callback copies its average in at train
-        end, and an average that began before a layer's projection stage is not structured."""
-        names = sorted(self.projected)
-        moved = self._residuals(pl_module, names)
-        self._project(pl_module, names)
-        worst = max(moved, key=moved.get, default=None)
-        if worst is not None and moved[worst] > 1e-4:
-            averaging = [type(c).__name__ for c in trainer.callbacks if is_weight_averaging(c)]
-            cause = f" ({', '.join(averaging)} copied in weights averaged over unprojected steps)" if averaging else ""
-            rank_zero_warn(
-                f"StructuredConvCallback: projected layers were no longer structured at fit end{cause}; projected "
-                f"again, largest relative move {moved[worst]:.3g} ({worst}), without fine-tuning. With weight "
-                "averaging, start it after the last projection stage."
-            )
-
-    def _decompose(self, trainer: Trainer, pl_module: LightningModule, names: list[str]) -> None:
-        """Decompose the (projected) ``names`` and check the network's outputs on the recorded input.
-
-        A forward that fails after the decomposition (a weight used outside its layer that the checks before
-        could not see, say) puts the dense layers back and warns; so does an output difference above 1e-3.
-        """
-        who = type(self).__name__
-        example = self._example.to(pl_module.device) if self._example is not None else None
-        try:
-            reference = self._outputs(pl_module, example)
-        except Exception as err:  # noqa: BLE001 - the user's forward: report, never lose the trained model
-            rank_zero_warn(f"{who}: cannot check the decomposition: the forward pass failed before it ({err!r})")
-            example = reference = None
-        old = {n: pl_module.get_submodule(n) for n in names}
-        plan = [p for p in self.plan if p.action != "convert" or p.name in old]
-        decompose_structured(pl_module, specs={n: self.specs[n] for n in names}, plan=plan)
-        try:
-            decomposed = self._outputs(pl_module, example)
-        except Exception as err:  # noqa: BLE001
-            replace_modules(pl_module, old)
-            rank_zero_warn(
-                f"{who}: the decomposed network fails its forward pass ({err!r}); the {len(old)} layer(s) stay "
-                "dense (projected, so exactly structured) and can be decomposed with decompose_structured()."
-            )
-            return
-        # The optimizers hold the decomposed parameters in place of the dense ones, so a checkpoint saved after
-        # fit (``trainer.save_checkpoint``) has optimizer state that fits the decomposed model on resume.
-        for name, layer in old.items():
-            swap_in_optimizers(trainer.optimizers, layer, pl_module.get_submodule(name))
-        if reference is not None and decomposed is not None:
-            errors = [
-                (d - r).abs().max() / r.abs().max().clamp_min(1e-12) for r, d in zip(reference, decomposed, strict=True)
-            ]
-            self.decomposition_error = float(max(errors, default=0.0))
-            if self.decomposition_error > 1e-3:
-                rank_zero_warn(
-                    f"{who}: the decomposed network's outputs differ from the projected one's by "
-                    f"{self.decomposition_error:.2e} (relative, max); expected ~1e-6."
-                )
-        elif example is None:
-            rank_zero_warn(f"{who}: the decomposition was not checked: no recorded input (set example_input_array)")
-
-    @staticmethod
-    def _outputs(pl_module: LightningModule, example: ModelCall | None) -> list[torch.Tensor] | None:
-        """The floating-point tensors of the network's output on ``example``, in eval mode."""
-        if example is None:
-            return None
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            with torch.no_grad():
-                out = example(pl_module)
-        finally:
-            pl_module.train(was_training)
-        return [t.float() for t in tensors_in(out) if t.is_floating_point()]
-
-    def _restore_forms(self, pl_module: LightningModule, changed: list[str]) -> list[str]:
-        """A checkpoint written before the fit-end decomposition holds the projected dense weights: decompose
-        those again (exact), so validate/test/predict run the model in the form it had."""
-        ours = [n for n in changed if n in self.specs]
-        exact = [n for n, residual in self._residuals(pl_module, ours).items() if residual < 1e-5]
-        if exact:
-            self._decompose(pl_module.trainer, pl_module, exact)
-            if self.verbose:
-                rank_zero_info(
-                    f"StructuredConvCallback: the checkpoint held {len(exact)} layer(s) dense (projected); decomposed "
-                    "them again, as the model was"
-                )
-        return [n for n in changed if n not in exact or not isinstance(pl_module.get_submodule(n), self.cheap_types)]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "projected": sorted(self.projected)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.projected = {n for n in state_dict.get("projected", []) if n in self.specs}
