@@ -239,7 +239,8 @@ class BudgetPlan:
         kinds = {m: sum(layer.choice.method == m for layer in self.layers) for m in ("dense", "ghost", "structured")}
         return (
             f"{kinds['ghost']} Ghost, {kinds['structured']} structured, {kinds['dense']} dense of {len(self.layers)} "
-            f"planned layers ({len(self.skipped)} not planned). MACs = FLOPs / 2 as count_complexity counts them; "
+            f"planned layers ({len(self.skipped)} not planned). MACs = FLOPs / 2 as count_complexity counts them, over "
+            "the whole batch the plan was made on (the report and compression/macs count one example); "
             f"fractions of the original (0.5 = half); rel. error = ‖y' - y‖ / ‖y‖ of the layer on the calibration "
             f"batch; total sensitivity (sum of squared errors) {self.sensitivity:.4g}."
         )
@@ -663,8 +664,11 @@ def _limits(plan: BudgetPlan) -> dict[str, float]:
     return {key: value * plan.before[key] if key != "latency_ms" else value for key, value in plan.budgets.items()}
 
 
+_NAMES = {"macs": "MACs", "params": "parameters"}
+
+
 def _describe(key: str, value: float, before: float) -> str:
-    return f"{value:.4g} ms" if key == "latency_ms" else f"{value / before:.4f} of the original {key.upper()}"
+    return f"{value:.4g} ms" if key == "latency_ms" else f"{value / before:.4f} of the original {_NAMES[key]}"
 
 
 def _allocate(plan: BudgetPlan, owner: str) -> None:

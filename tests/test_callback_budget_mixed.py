@@ -129,6 +129,12 @@ def test_resume_mid_mixed_schedule_equals_uninterrupted(project: Any, tmp_path: 
         assert len(converted) == {0: 0, 1: 1, 2: 2}[epoch]  # the plan converts 2 layers, one per stage
     torch.testing.assert_close(fresh.eval()(x), model_a.eval()(x), atol=1e-5, rtol=0)  # decomposition is exact
 
+    # Resumed with another budget: the checkpoint's plan continues, and the run says so.
+    other = BudgetConvCallback(target_macs=0.4, stages=2, start_epoch=1, end_epoch=2, verbose=0)
+    with pytest.warns(UserWarning, match=r"plan was made for target_macs=0.6; this run asks target_macs=0.4"):
+        fit(project, other, tmp_path / "c", ckpt_path=str(tmp_path / "a" / "epoch=1.ckpt"))
+    assert other.budget_plan == callback_a.budget_plan
+
 
 def test_refusals_leave_the_model_unchanged(project: Any) -> None:
     with pytest.raises(MisconfigurationException, match=r"no budget given; pass at least one of target_macs"):
