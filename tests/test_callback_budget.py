@@ -15,7 +15,13 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from nets import USER_TARGETS, run_script, user_trainer
 from torch import nn
 
-from lightning_cheapconv import GhostConv2d, GhostConvCallback, StructuredConv2d, StructuredConvCallback
+from lightning_cheapconv import (
+    BudgetConvCallback,
+    GhostConv2d,
+    GhostConvCallback,
+    StructuredConv2d,
+    StructuredConvCallback,
+)
 from lightning_cheapconv import budget as budget_module
 from lightning_cheapconv.complexity import count_complexity
 from lightning_cheapconv.deploy import Latency
@@ -183,8 +189,9 @@ def stub_timing(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
     [
         (lambda: GhostConvCallback(start_epoch=1, verbose=0, target_latency_ms=8.5), GhostConv2d),
         (lambda: StructuredConvCallback(verbose=0, target_latency_ms=8.5), StructuredConv2d),
+        (lambda: BudgetConvCallback(start_epoch=1, verbose=0, target_latency_ms=8.5), (GhostConv2d, StructuredConv2d)),
     ],
-    ids=["ghost", "structured"],
+    ids=["ghost", "structured", "mixed"],
 )
 def test_latency_budget_met_by_the_plans_predicted_total(
     project: Any, stub_timing: dict[str, list], make: Any, kind: type
@@ -215,8 +222,9 @@ def test_latency_budget_met_by_the_plans_predicted_total(
         # Every layer at its cheapest candidate: 4 ms outside + 3 x 2/4 ms (Ghost s=4) or 3 x 1.5 ms (structured).
         (lambda: GhostConvCallback(start_epoch=1, verbose=0, target_latency_ms=3.0), r"5\.5 ms"),
         (lambda: StructuredConvCallback(verbose=0, target_latency_ms=3.0), r"8\.5 ms"),
+        (lambda: BudgetConvCallback(start_epoch=1, verbose=0, target_latency_ms=3.0), r"5\.5 ms"),
     ],
-    ids=["ghost", "structured"],
+    ids=["ghost", "structured", "mixed"],
 )
 def test_unreachable_latency_budget_refused_naming_the_smallest_reachable_model_unchanged(
     project: Any, stub_timing: dict[str, list], make: Any, smallest: str
