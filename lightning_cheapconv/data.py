@@ -493,6 +493,21 @@ class _RandomShift(Dataset):
         return image, self.targets[index]
 
 
+def _load_digits() -> Any:
+    """scikit-learn's bundled digits (1,797 8x8 images, no download).
+
+    Raises:
+        ImportError: scikit-learn is not installed, naming the extra that brings it.
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:
+        raise ImportError(
+            "DigitsDataModule needs scikit-learn (its bundled digits data): pip install 'lightning-cheapconv[digits]'"
+        ) from err
+    return load_digits()
+
+
 class DigitsDataModule(_ImageDataModule):
     """scikit-learn's bundled handwritten digits (1,797 real 8x8 images), shaped like CIFAR for the CIFAR models.
 
@@ -560,9 +575,7 @@ class DigitsDataModule(_ImageDataModule):
 
     def split_indices(self) -> tuple[list[int], list[int]]:
         """Indices (into scikit-learn's order) of the training and validation images, after ``train_subset``."""
-        from sklearn.datasets import load_digits
-
-        return self._split(load_digits().target)
+        return self._split(_load_digits().target)
 
     def _split(self, target: Any) -> tuple[list[int], list[int]]:
         from sklearn.model_selection import train_test_split
@@ -580,9 +593,7 @@ class DigitsDataModule(_ImageDataModule):
         """Build the normalised image tensors once (a no-op on later calls)."""
         if self.val_set is not None:
             return
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
+        digits = _load_digits()
         images = torch.as_tensor(digits.images, dtype=torch.float32).div_(16.0).unsqueeze(1)  # (N, 1, 8, 8)
         if self.image_size != images.shape[-1]:
             images = F.interpolate(

@@ -453,3 +453,9 @@ def test_data_modules_in_a_trainer(tmp_path: Path, kind: str) -> None:
     trainer.fit(model, datamodule=dm)
     assert {"val/acc", "val/loss"} <= set(trainer.callback_metrics)
     assert trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"] >= 0
+
+
+def test_digits_without_scikit_learn_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # what an environment without scikit-learn imports
+    with pytest.raises(ImportError, match=r"DigitsDataModule needs scikit-learn .*lightning-cheapconv\[digits\]"):
+        DigitsDataModule().setup("fit")
