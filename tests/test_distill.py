@@ -21,7 +21,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_cheapconv import GhostConv2d, GhostConvCallback, StructuredConvCallback, convert_to_ghost
 from lightning_cheapconv.callbacks.base import _loss_factor
-from lightning_cheapconv.callbacks.distill import Distiller, feature_distill_loss, logit_distill_loss
+from lightning_cheapconv.callbacks.distill import (
+    Distiller,
+    feature_distill_loss,
+    logit_distill_loss,
+    normalizing_like,
+)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
@@ -74,8 +79,8 @@ def test_added_gradient_is_autograd_of_the_stated_loss(factor: float, logits: bo
         handle.remove()
     features = [feature_distill_loss(o, teacher.get_submodule(n)(i).detach()) for n, (i, o) in seen.items()]
     stated = sum(features) / len(features)  # the mean over the distilled layers
-    if logits:
-        stated = stated + logit_distill_loss(out, teacher(x).detach(), temperature)
+    if logits:  # the teacher's BatchNorms on the batch's statistics, as the training student's
+        stated = stated + logit_distill_loss(out, copy.deepcopy(teacher).train()(x).detach(), temperature)
     (F.cross_entropy(out, y) + factor * weight * stated).backward()
     expected = grads(model)
     assert hooked.keys() == expected.keys()
@@ -226,3 +231,25 @@ def test_structured_distills_projected_layers() -> None:
     assert float(trainer.callback_metrics["train/distill"]) > 0
     for name in GHOST_TARGETS:
         assert torch.equal(callback.distiller.teacher.get_submodule(name).weight, before.weights[name])
+
+
+def test_teacher_normalizes_like_the_student_and_keeps_its_statistics() -> None:
+    """A student with the teacher's very weights, training: the logit term is 0 (both on the batch's statistics); the
+    teacher's running statistics and batch counts are untouched; a student in eval mode meets an eval-mode teacher."""
+    model = tiny_backbone(0).train()
+    distiller = Distiller(1.0, logits=True, temperature=4.0)
+    distiller.snapshot(model)
+    assert distiller.teacher is not None
+    before = {k: v.clone() for k, v in distiller.teacher.state_dict().items()}
+    x = torch.randn(8, 3, 16, 16)
+    distiller.attach(model, [], factor=lambda: 1.0)
+    model(x).sum().backward()
+    distiller.detach()
+    assert float(distiller.take_losses()) == pytest.approx(0.0, abs=1e-6)
+    after = distiller.teacher.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert not any(m.training for m in distiller.teacher.modules())
+    model.load_state_dict(distiller.teacher.state_dict())  # the student's step moved its running statistics
+    model.eval()
+    with torch.no_grad(), normalizing_like(distiller.teacher, model):
+        torch.testing.assert_close(distiller.teacher(x), model(x))
