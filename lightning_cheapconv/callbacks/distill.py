@@ -30,8 +30,8 @@ like the loss), clipping and every optimizer see it, and it reaches every studen
 Teacher mode: ``eval`` (no dropout), with each BatchNorm normalizing as the student's BatchNorm of the same name does
 (:func:`normalizing_like`): while the student trains, on the batch's own statistics (the teacher's running statistics
 stay as they are). With running statistics against the student's batch statistics, a student with the teacher's very
-weights is already ``T² · KL = 1.39`` away from it (ResNet-20 on digits, T = 4), and the logit term pulled every
-converted network toward that mismatch (−22 points in ``python -m benchmarks.budgets`` before this). Its state dict is
+weights would already be far from it (a KL of order 1 on a ResNet-20 early in training), and the logit term would pull
+the converted network toward that mismatch rather than toward the teacher. Its state dict is
 kept in the callback's state (one more copy of the dense weights in each checkpoint), so a resumed run gets the very
 same teacher back.
 
