@@ -26,9 +26,11 @@ RUNS = {
     "pooling": ("pooling", []),
     "folding": ("folding", []),
     "accuracy": ("accuracy", []),
+    "budgets": ("budgets", []),
     "overhead": ("overhead", []),
     "memory": ("memory", []),
     "budget": ("budget", []),
+    "sensitivity": ("sensitivity", []),
 }
 OUTPUT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 HEADER = """\
