@@ -70,12 +70,15 @@ def test_budget_met_counted_independently(project: Any, make: Any, kind: type, k
         }
 
 
-def test_infeasible_budget_refused_at_the_first_stage_model_unchanged(project: Any) -> None:
+def test_infeasible_budget_refused_after_the_first_batch_model_unchanged(project: Any) -> None:
     project.lp.seed_everything(0)
     model = project.Model(scheduler="none")
     callback = GhostConvCallback(start_epoch=1, verbose=0, target_macs=0.05)
     trainer = user_trainer(project.lp, max_epochs=3, callbacks=[callback])
-    with pytest.raises(MisconfigurationException, match=r"macs=0.05 cannot be met: the smallest reachable value is"):
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"epoch 0 \(first training batch\): .*macs=0.05 cannot be met: the smallest reachable",
+    ):
         trainer.fit(model, datamodule=project.DataModule())
     assert all(type(model.get_submodule(n)) is nn.Conv2d for n in USER_TARGETS)
 

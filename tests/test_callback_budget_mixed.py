@@ -143,11 +143,14 @@ def test_refusals_leave_the_model_unchanged(project: Any) -> None:
         BudgetConvCallback(target_macs=0.5, methods=["ghost", "pruning"])
     with pytest.raises(MisconfigurationException, match=r"target_params=0 .*valid range"):
         BudgetConvCallback(target_params=0)
-    # At the first stage (planned on a training batch): no layer converted.
+    # After the first training batch (its recorded input), not at the stage of epoch 1: no layer converted.
     project.lp.seed_everything(0)
     model = project.Model(scheduler="none")
     trainer = user_trainer(project.lp, callbacks=[BudgetConvCallback(target_macs=0.05, start_epoch=1, verbose=0)])
-    with pytest.raises(MisconfigurationException, match=r"macs=0.05 cannot be met: the smallest reachable value is"):
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"epoch 0 \(first training batch\): .*macs=0.05 cannot be met: the smallest reachable",
+    ):
         trainer.fit(model, datamodule=project.DataModule())
     assert all(type(model.get_submodule(n)) is nn.Conv2d for n in USER_TARGETS)
     # At setup, with example_input_array: before any training step, the model bit-identical.

@@ -111,6 +111,7 @@ class CheapConvCallback(Callback):
         self.budgets: dict[str, float] = {}
         self.budget_plan: dict[str, dict[str, Any]] | None = None  # layer -> chosen candidate, in the state
         self._window: tuple[int, int, int] | None = None
+        self._budget_checked = False  # an unreachable MACs/params budget was looked for in this fit
 
     def _init_budget(self, target_macs: Any, target_params: Any, target_latency_ms: Any) -> None:
         """Check the budget arguments: ``target_macs``/``target_params`` fractions in ``(0, 1]``, ``target_latency_ms``
@@ -212,13 +213,25 @@ class CheapConvCallback(Callback):
 
     def _check_budget_at_setup(self, pl_module: LightningModule) -> None:
         """Refuse an unreachable MACs/params budget at setup when ``example_input_array`` is set (the smallest reachable
-        MACs and parameters do not depend on the data); otherwise the first stage refuses it, planning on a recorded
-        training batch, before it changes anything."""
+        MACs and parameters do not depend on the data); otherwise :meth:`_check_budget_early` refuses it after the
+        first training batch, on its recorded input, before anything changes."""
+        example = self._example_input_array(pl_module)
+        if example is not None:
+            self._check_budget(pl_module, example, "at setup")
+
+    def _check_budget_early(self, pl_module: LightningModule, when: str) -> None:
+        """Once per fit, at the end of the first training batch while the plan is still to come (a stage after epoch
+        0): refuse an unreachable MACs/params budget on the recorded input, instead of at the first stage."""
+        if self._budget_checked or not self.budgets or self.budget_plan is not None or self._example is None:
+            return
+        self._budget_checked = True
+        self._check_budget(pl_module, self._example.to(pl_module.device), when)
+
+    def _check_budget(self, pl_module: LightningModule, example: ModelCall, when: str) -> None:
         from ..budget import plan_budget
 
-        example = self._example_input_array(pl_module)
         budgets = {k: v for k, v in self.budgets.items() if k != "latency_ms"}
-        if example is None or not budgets or not self.todo:
+        if not budgets or not self.todo:
             return
         try:
             plan_budget(
@@ -231,7 +244,8 @@ class CheapConvCallback(Callback):
                 **budgets,
             )
         except ValueError as err:
-            raise MisconfigurationException(f"{type(self).__name__}: at setup: {err}; the model is unchanged") from err
+            raise MisconfigurationException(f"{type(self).__name__}: {when}: {err}; the model is unchanged") from err
+        self._budget_checked = True
 
     def _apply_choices(self, pl_module: LightningModule, choices: dict[str, dict[str, Any]]) -> None:
         """Layers the plan keeps dense leave :attr:`todo`; the others take their hyper-parameters; the schedule and
@@ -308,6 +322,7 @@ class CheapConvCallback(Callback):
         refuse_incompatible_callbacks(trainer, who, self._integer_buffers())
         self._trainer = trainer
         self._example, self._calls, self._warned_no_input = None, [], False  # nothing from an earlier fit
+        self._budget_checked = False
         self.plan = self._select(pl_module)
         self.done = [
             p.name

@@ -51,7 +51,8 @@ class BudgetConvCallback(ProjectedLayers, GhostConvCallback):
             the candidates allow, never above. ``target_latency_ms``: the whole model's latency in ms on the recorded
             training batch (its device and batch size). At least one is required; all given are met. A budget that
             cannot be met is refused before anything changes, naming the smallest reachable value: at setup when
-            ``example_input_array`` is set, else at the first stage.
+            ``example_input_array`` is set, else after the first training batch (MACs/params; a latency budget at the
+            first stage).
         methods: what a layer may become: ``("ghost", "structured")`` (default), or one of them.
         include, exclude: glob patterns on qualified layer names.
         calibration_batches: training batches whose forward inputs fit the Ghost inheritance on real activations and

@@ -84,7 +84,7 @@ class GhostConvCallback(CheapConvCallback):
             stage runs on a training batch, not in setup), on rank 0, and broadcast; the plan (:attr:`budget_plan`)
             lives in the callback state, so a resumed run continues with it. A budget that cannot be met is refused,
             naming the smallest reachable value, before anything changes: at setup when ``example_input_array`` is set,
-            else at the first stage.
+            else after the first training batch (MACs/params; a latency budget at the first stage).
         distill: distil from the network as it was right before the first conversion (a frozen copy in eval mode, kept
             in the callback state) for the rest of fit: each converted layer's output is matched to the original layer's
             output on the same input (``‖s - t‖² / ‖t‖²``), and with ``distill_logits`` the network's output (``T² ·
@@ -247,6 +247,12 @@ class GhostConvCallback(CheapConvCallback):
             self._convert(trainer, pl_module, self._pending, self._when(trainer), mid_fit=True)
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)  # records calls for calibration
         self._start_distilling(trainer, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._check_budget_early(pl_module, f"{self._when(trainer)} (first training batch)")
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._pending and self.unit == "epoch":  # the epoch had fewer batches than calibration_batches
