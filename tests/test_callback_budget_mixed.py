@@ -131,9 +131,14 @@ def test_resume_mid_mixed_schedule_equals_uninterrupted(project: Any, tmp_path: 
 
     # Resumed with another budget: the checkpoint's plan continues, and the run says so.
     other = BudgetConvCallback(target_macs=0.4, stages=2, start_epoch=1, end_epoch=2, verbose=0)
-    with pytest.warns(UserWarning, match=r"plan was made for target_macs=0.6; this run asks target_macs=0.4"):
+    with pytest.warns(UserWarning, match=r"plan was made for target_macs=0.6, .*this run asks target_macs=0.4"):
         fit(project, other, tmp_path / "c", ckpt_path=str(tmp_path / "a" / "epoch=1.ckpt"))
     assert other.budget_plan == callback_a.budget_plan
+    other = BudgetConvCallback(target_macs=0.6, methods="structured", stages=2, start_epoch=1, end_epoch=2, verbose=0)
+    with pytest.warns(
+        UserWarning, match=r"methods=\['ghost', 'structured'\]; this run asks .*methods=\['structured'\]"
+    ):
+        fit(project, other, tmp_path / "d", ckpt_path=str(tmp_path / "a" / "epoch=1.ckpt"))
 
 
 def test_refusals_leave_the_model_unchanged(project: Any) -> None:
@@ -143,6 +148,8 @@ def test_refusals_leave_the_model_unchanged(project: Any) -> None:
         BudgetConvCallback(target_macs=0.5, methods=["ghost", "pruning"])
     with pytest.raises(MisconfigurationException, match=r"target_params=0 .*valid range"):
         BudgetConvCallback(target_params=0)
+    with pytest.raises(MisconfigurationException, match=r"distill_logits=True has no effect with distill=False"):
+        BudgetConvCallback(target_macs=0.5, distill_logits=True)
     # After the first training batch (its recorded input), not at the stage of epoch 1: no layer converted.
     project.lp.seed_everything(0)
     model = project.Model(scheduler="none")

@@ -174,7 +174,7 @@ def test_bf16_mixed() -> None:
 
 def _fit_accumulating(batch_size: int, accumulate: int, distill: bool) -> TinyNet:
     pl.seed_everything(0)
-    callback = GhostConvCallback(verbose=0, distill=distill, distill_logits=True, distill_weight=2.0)
+    callback = GhostConvCallback(verbose=0, distill=distill, distill_logits=distill, distill_weight=2.0)
     trainer = quiet_trainer(max_epochs=2, accumulate_grad_batches=accumulate, callbacks=[callback])
     model = TinyNet(scheduler="none")
     trainer.fit(model, loader(n=8, batch_size=batch_size, repeat=2))

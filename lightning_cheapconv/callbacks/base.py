@@ -580,19 +580,22 @@ class CheapConvCallback(Callback):
         if self.budgets:
             state["budget_plan"] = self.budget_plan
             state["budgets"] = dict(self.budgets)
+            state["budget_methods"] = list(self._budget_methods())
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         choices = state_dict.get("budget_plan")
         if self.budgets and choices is not None and self._trainer is not None and self.plan:
             self._apply_choices(self._trainer.lightning_module, choices)  # the plan of the run that saved it
-            saved_budgets = state_dict.get("budgets")
-            if saved_budgets is not None and saved_budgets != self.budgets:
+            saved_budgets = state_dict.get("budgets", self.budgets)
+            saved_methods = state_dict.get("budget_methods", list(self._budget_methods()))
+            if saved_budgets != self.budgets or saved_methods != list(self._budget_methods()):
                 asked = ", ".join(f"target_{k}={v:g}" for k, v in saved_budgets.items())
                 rank_zero_warn(
-                    f"{type(self).__name__}: the checkpoint's budget plan was made for {asked}; this run asks "
-                    f"{self._budget_arguments()}. The checkpoint's plan continues (layers converted by it stay as they "
-                    "are); to plan anew, start from a checkpoint saved before the first stage."
+                    f"{type(self).__name__}: the checkpoint's budget plan was made for {asked}, "
+                    f"methods={saved_methods}; this run asks {self._budget_arguments()}, "
+                    f"methods={list(self._budget_methods())}. The checkpoint's plan continues (layers converted by it "
+                    "stay as they are); to plan anew, start from a checkpoint saved before the first stage."
                 )
         saved = state_dict.get("targets")
         if saved is not None and self.plan and list(saved) != self.targets:

@@ -131,14 +131,19 @@ def logit_distill_loss(student: Tensor, teacher: Tensor, temperature: float) -> 
 def check_distill_arguments(
     who: str, distill: Any, weight: Any, logits: Any, temperature: Any, error: type[Exception]
 ) -> tuple[bool, float, bool, float]:
-    """The callbacks' distillation arguments, checked: ``distill`` and ``distill_logits`` bools, ``distill_weight``
-    a finite number > 0, ``distill_temperature`` a finite number > 0.
+    """The callbacks' distillation arguments, checked: ``distill`` and ``distill_logits`` bools (``distill_logits``
+    only with ``distill``), ``distill_weight`` a finite number > 0, ``distill_temperature`` a finite number > 0.
 
     Raises:
         error: naming the argument, its value and the valid range.
     """
     check_bool("distill", distill, owner=who, error=error)
     check_bool("distill_logits", logits, owner=who, error=error)
+    if logits and not distill:
+        raise error(
+            f"{who}: distill_logits=True has no effect with distill=False; pass distill=True as well (the logit term "
+            "adds to the feature term), or distill_logits=False"
+        )
     weight = check_finite_number("distill_weight", weight, 0.0, exclusive_minimum=True, owner=who, error=error)
     temperature = check_finite_number(
         "distill_temperature", temperature, 0.0, exclusive_minimum=True, owner=who, error=error
