@@ -177,6 +177,7 @@ def test_report_and_plan_printed(
     with caplog.at_level(logging.INFO):
         fit(project, BudgetConvCallback(target_macs=0.6, start_epoch=1, verbose=1))
     assert "budget plan (target_macs=0.6)" in caplog.text and "structured c=" in caplog.text  # the plan is logged
+    assert "3 layer(s) selected, 1 skipped (backbone.stem.0: first " in caplog.text  # verbose=1 names what it skips
     assert "BudgetConvCallback: original vs converted" in capsys.readouterr().out  # the report printed
 
 

@@ -340,8 +340,10 @@ class CheapConvCallback(Callback):
         if self.verbose:
             skipped = [p for p in self.plan if p.action == "skip" and p.name not in self.done]
             done = f", {len(self.done)} already converted" if self.done else ""
+            named = short_list([f"{p.name}: {p.reason}" for p in skipped], most=4)
             rank_zero_info(
                 f"{who}: {len(self.todo)} layer(s) selected{done}, {len(skipped)} skipped"
+                + (f" ({named})" if skipped and self.verbose == 1 else "")
                 + "".join(f"\n  skip {p.name}: {p.reason}" for p in skipped if self.verbose > 1)
             )
 
