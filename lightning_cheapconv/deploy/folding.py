@@ -192,15 +192,7 @@ def _fuse_plain_nd(conv: nn.Module, bn: nn.Module) -> tuple[nn.Module | None, st
 
 
 def _fuse_plain(conv: nn.Conv2d, bn: nn.Module) -> nn.Module:
-    weight, bias = fuse_conv_bn_weights(
-        conv.weight.detach().double(),
-        None if conv.bias is None else conv.bias.detach().double(),
-        bn.running_mean.double(),
-        bn.running_var.double(),
-        bn.eps,
-        None if bn.weight is None else bn.weight.detach().double(),
-        None if bn.bias is None else bn.bias.detach().double(),
-    )
+    weight, bias = _fused_weights(conv, bn)
     fused = FusedConv2d(
         **{**conv_config(conv), "bias": True},
         device=conv.weight.device,
