@@ -41,7 +41,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -53,11 +53,9 @@ from .calls import ModelCall, as_calls
 from .complexity import count_complexity, format_count
 from .convert import (
     ConversionResult,
-    LayerChange,
     LayerPlan,
+    _convert,
     ghost_from_conv,
-    recalibrate_batchnorm,
-    replace_modules,
     select_layers,
     structure_spec_for,
     structured_from_dense,
@@ -769,57 +767,27 @@ def apply_budget_plan(
     check_instance("model", model, nn.Module, owner=owner)
     check_instance("plan", plan, BudgetPlan, owner=owner)
     inputs = inputs or {}
-    params_before = _own_params(model)
-    result = BudgetResult(method="budget", budget=plan)
-    new_modules: dict[str, nn.Module] = {}
-    old_modules: dict[str, nn.Module] = {}
-    for layer in plan.layers:
-        choice = layer.choice
-        if choice.method == "dense":
-            result.plan.append(
-                LayerPlan(layer.name, layer.type, "skip", "kept dense by the budget plan", layer.aliases)
-            )
-            continue
-        old = old_modules[layer.name] = model.get_submodule(layer.name)
+    chosen = {layer.name: layer.choice for layer in plan.layers}
+    entries = [
+        LayerPlan(layer.name, layer.type, "convert", layer.choice.label, layer.aliases)
+        if layer.choice.method != "dense"
+        else LayerPlan(layer.name, layer.type, "skip", "kept dense by the budget plan", layer.aliases)
+        for layer in plan.layers
+    ]
+
+    def build(name: str, old: nn.Module) -> tuple[nn.Module, float | None, str]:
+        choice = chosen[name]
         if choice.method == "ghost":
-            new, error = ghost_from_conv(
-                old, choice.ratio, GHOST_DW_SIZE, "inherit", inputs.get(layer.name), layer.name
-            )
-            detail, per_position = (
-                f"s={choice.ratio}, d={GHOST_DW_SIZE}, init=inherit",
-                _ghost_costs(old, choice.ratio)[0],
-            )
-        else:
-            spec = StructureSpec(choice.channels, choice.kernel_size)
-            new, error = structured_from_dense(old, spec, layer.name)
-            detail, per_position = f"c={spec.channels}, n={spec.kernel_size}", new.weight.numel()
-        new.train(old.training)
-        new_modules[layer.name] = new
-        result.plan.append(LayerPlan(layer.name, layer.type, "convert", choice.label, layer.aliases))
-        result.changes.append(
-            LayerChange(
-                name=layer.name,
-                old_type=type(old).__name__,
-                new_type=type(new).__name__,
-                params_before=_own_params(old),
-                params_after=_own_params(new),
-                macs_per_position_before=_dense_per_position(old),
-                macs_per_position_after=per_position,
-                error=error,
-                detail=detail,
-                aliases=layer.aliases,
-            )
-        )
-    result.plan.extend(plan.skipped)
-    replace_modules(model, new_modules)  # everything was built above; only now is the model touched
-    try:
-        if calibration is not None:
-            recalibrate_batchnorm(model, calibration)
-    except BaseException:
-        replace_modules(model, old_modules)
-        raise
-    result.params_before, result.params_after = params_before, _own_params(model)
-    return result
+            new, error = ghost_from_conv(old, choice.ratio, GHOST_DW_SIZE, "inherit", inputs.get(name), name)
+            return new, error, f"s={choice.ratio}, d={GHOST_DW_SIZE}, init=inherit"
+        spec = StructureSpec(choice.channels, choice.kernel_size)
+        new, error = structured_from_dense(old, spec, name)
+        return new, error, f"c={spec.channels}, n={spec.kernel_size}"
+
+    # Build every layer, then swap them in, then re-estimate the BatchNorm statistics; on any error the model is left
+    # as it was (convert's shared conversion step).
+    result = _convert(model, "budget", [*entries, *plan.skipped], build, calibration, owner, progress=False)
+    return BudgetResult(**{f.name: getattr(result, f.name) for f in fields(ConversionResult)}, budget=plan)
 
 
 def compress_to_budget(

@@ -10,6 +10,7 @@ import torchvision
 from torch import nn
 
 from lightning_cheapconv import budget as budget_module
+from lightning_cheapconv import convert as convert_module
 from lightning_cheapconv import get_model
 from lightning_cheapconv.budget import TOLERANCE, BudgetResult, compress_to_budget, plan_budget
 from lightning_cheapconv.checkpoint import restructure
@@ -128,7 +129,7 @@ def test_failure_while_converting_leaves_the_model_unchanged(resnet20: nn.Module
     def broken(*args, **kwargs):
         raise RuntimeError("recalibration failed")
 
-    monkeypatch.setattr(budget_module, "recalibrate_batchnorm", broken)
+    monkeypatch.setattr(convert_module, "_recalibrate", broken)  # the shared conversion step's re-estimation
     with pytest.raises(RuntimeError, match="recalibration failed"):
         compress_to_budget(model, _images(1, 32), macs=0.5, calibration=_images(2, 32))
     _assert_unchanged(model, snapshot)
