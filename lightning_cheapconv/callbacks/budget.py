@@ -178,8 +178,7 @@ class BudgetConvCallback(ProjectedLayers, GhostConvCallback):
         Ghost ones."""
         structured = [n for n in names if n in self.specs]
         if structured:
-            self.fit_errors.update(self._residuals(pl_module, structured))
-            self._start_projecting(pl_module, structured, when)
+            self.fit_errors.update(self._start_projecting(pl_module, structured, when))
         return [n for n in names if n not in self.specs]
 
     def on_train_batch_end(

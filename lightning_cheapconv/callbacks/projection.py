@@ -78,7 +78,8 @@ class ProjectedLayers(CheapConvCallback):
                 weight = pl_module.get_submodule(name).weight
                 weight.copy_(project(weight, self.specs[name]))
 
-    def _start_projecting(self, pl_module: LightningModule, names: Sequence[str], when: str) -> None:
+    def _start_projecting(self, pl_module: LightningModule, names: Sequence[str], when: str) -> dict[str, float]:
+        """Project ``names`` from now on; returns how far each moved (``‖(I-P)W‖/‖W‖`` before the projection)."""
         moved = self._residuals(pl_module, names)
         self._project(pl_module, names)
         self.projected.update(names)
@@ -89,6 +90,7 @@ class ProjectedLayers(CheapConvCallback):
                 f"({len(self.projected)}/{len(self.targets)} now structured; largest relative move {worst:.3g})"
                 + "".join(f"\n  {n}: moved {moved[n]:.3g}" for n in moved if self.verbose > 1)
             )
+        return moved
 
     def _check_still_structured(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Project the projected layers once more before decomposing. Their weights are structured unless
