@@ -8,10 +8,9 @@ from typing import Any
 
 from torch import nn
 
-from .._lightning import LightningModule, MisconfigurationException, Trainer, rank_zero_info
+from .._lightning import LightningModule, MisconfigurationException, Trainer
 from ..budget import METHODS, _selection, check_methods
 from ..convert import CHEAP_TYPES, LayerPlan, structured_like
-from ..structure import StructureSpec
 from .base import Patterns
 from .ghost import GhostConvCallback
 from .projection import ProjectedLayers
@@ -156,7 +155,7 @@ class BudgetConvCallback(ProjectedLayers, GhostConvCallback):
 
     def _set_choice(self, name: str, choice: dict[str, Any]) -> None:
         if choice["method"] == "structured":
-            self.specs[name] = StructureSpec(int(choice["channels"]), tuple(int(n) for n in choice["kernel_size"]))
+            self._set_structure(name, choice)
         else:
             super()._set_choice(name, choice)
 
@@ -190,11 +189,5 @@ class BudgetConvCallback(ProjectedLayers, GhostConvCallback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.projected:
             self._check_still_structured(trainer, pl_module)
-            dense = self._dense(pl_module, sorted(self.projected))
-            if dense:
-                self._decompose(trainer, pl_module, dense)
-                if self.verbose:
-                    error = self.decomposition_error
-                    check = "" if error is None else f"; max relative output difference {error:.2e}"
-                    rank_zero_info(f"{type(self).__name__}: decomposed {len(dense)} structured layer(s){check}")
+            self._decompose_projected(trainer, pl_module, self._dense(pl_module, sorted(self.projected)))
         super().on_fit_end(trainer, pl_module)

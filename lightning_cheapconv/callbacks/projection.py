@@ -51,6 +51,19 @@ class ProjectedLayers(CheapConvCallback):
         self.decomposition_error: float | None = None
         self._last_projected_step = -1
 
+    def _decompose_projected(self, trainer: Trainer, pl_module: LightningModule, names: list[str]) -> None:
+        """Decompose those of ``names`` still dense (:meth:`_decompose`) and log how many, with the output check."""
+        if names:
+            self._decompose(trainer, pl_module, names)
+        if self.verbose:
+            error = self.decomposition_error
+            check = "" if error is None else f"; max relative output difference {error:.2e}"
+            rank_zero_info(f"{type(self).__name__}: decomposed {len(names)} layer(s){check}")
+
+    def _set_structure(self, name: str, choice: dict[str, Any]) -> None:
+        """Take a budget plan's structured choice (``channels``, ``kernel_size``) as layer ``name``'s spec."""
+        self.specs[name] = StructureSpec(int(choice["channels"]), tuple(int(n) for n in choice["kernel_size"]))
+
     def _project_after_step(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Project the projected layers after every optimizer step (``global_step`` counts them), not after every
         micro-batch."""

@@ -200,7 +200,7 @@ class StructuredConvCallback(ProjectedLayers):
             raise MisconfigurationException(f"StructuredConvCallback: {err}") from err
 
     def _set_choice(self, name: str, choice: dict[str, Any]) -> None:
-        self.specs[name] = StructureSpec(int(choice["channels"]), tuple(int(n) for n in choice["kernel_size"]))
+        self._set_structure(name, choice)
 
     def _calibration_wanted(self) -> int:
         return 1 if self.budgets and self.budget_plan is None else 0  # the first training forward plans the budget
@@ -385,13 +385,7 @@ class StructuredConvCallback(ProjectedLayers):
             )
         if remaining:
             self._start_projecting(pl_module, remaining, "fit end")
-        dense = self._dense(pl_module, self.targets)
-        if dense:
-            self._decompose(trainer, pl_module, dense)
-        if self.verbose:
-            error = self.decomposition_error
-            check = "" if error is None else f"; max relative output difference {error:.2e}"
-            rank_zero_info(f"StructuredConvCallback: decomposed {len(dense)} layer(s){check}")
+        self._decompose_projected(trainer, pl_module, self._dense(pl_module, self.targets))
         self._report(pl_module, "StructuredConvCallback: original vs decomposed")
         if self.export_path is not None and trainer.is_global_zero:
             self.export_path.parent.mkdir(parents=True, exist_ok=True)
