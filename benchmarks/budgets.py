@@ -1,6 +1,6 @@
 """Accuracy under a budget on the digits data: per-layer budget plans against uniform ratios and channel pruning.
 
-Run ``python -m benchmarks.budgets`` (3 seeds in 2 worker processes, about 20-30 minutes on 2 CPU cores; ``--quick``:
+Run ``python -m benchmarks.budgets`` (5 seeds in 2 worker processes, about 20 minutes on 2 CPU cores; ``--quick``:
 one seed, 4 epochs, fewer rows, a smoke run; ``--from-json``: re-render ``results/budgets.json``).
 
 Protocol (the one of :mod:`benchmarks.accuracy`): per seed, a dense CIFAR ResNet-20 trains E epochs (SGD, cosine,
@@ -15,6 +15,8 @@ batch 64) on the digits upsampled to 16x16 and is checkpointed after E/2. Every 
   training batch and applied at E/2 (Ghost: inherited weights; structured: projected, trained projected and
   decomposed at fit end), then fine-tuned;
   ``budget plan (Ghost only) @ f``: ``GhostConvCallback(target_macs=f)`` (the same, Ghost ratios only);
+  ``budget plan (structured only) @ f``: ``BudgetConvCallback(target_macs=f, methods="structured")`` (the same,
+  structured candidates only: projected at E/2, trained projected, decomposed at fit end);
 - ``+ distill``: the same callback with ``distill=True, distill_logits=True`` (the network at E/2, frozen, teaches the
   converted one: every converted layer's output and the logits, ``distill_weight=1``, ``T=4``); ``+ distill (features
   only)``: ``distill=True`` alone. The teacher is the half-trained network of the conversion epoch, not the dense
@@ -55,6 +57,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
 from lightning_cheapconv import (
+    BudgetConvCallback,
     DigitsDataModule,
     GhostConvCallback,
     ImageClassifier,
@@ -87,23 +90,15 @@ DISTILL = {
 }
 
 
-def _budget_callback_class() -> type[Callback] | None:
-    """``lightning_cheapconv.BudgetConvCallback`` (the mixed-plan callback) where this version has it."""
-    try:
-        from lightning_cheapconv import BudgetConvCallback  # noqa: PLC0415 - optional until it lands
-    except ImportError:
-        return None
-    return BudgetConvCallback
-
-
 @dataclass(frozen=True)
 class Row:
     """One configuration trained per seed.
 
     ``kind``: ``dense``, ``ghost`` (uniform ``ratio``), ``structured`` (uniform ``channel_ratio``), ``mixed`` (the
-    mixed budget plan), ``ghost budget`` (a Ghost-only plan) or ``pruning`` (Torch-Pruning). A budget is ``fraction``
-    of the dense MACs, or (``at``) the fraction the row of that key reached in the same seed. ``distill``: a key of
-    :data:`DISTILL`. ``table``: a row of the main table (else a point of the curve only).
+    mixed budget plan), ``ghost budget`` / ``structured budget`` (a Ghost-only / structured-only plan) or ``pruning``
+    (Torch-Pruning). A budget is ``fraction`` of the dense MACs, or (``at``) the fraction the row of that key reached
+    in the same seed. ``distill``: a key of :data:`DISTILL`. ``table``: a row of the main table (else a point of the
+    curve only).
 
     Example::
 
@@ -122,7 +117,7 @@ class Row:
 
     @property
     def budget(self) -> bool:
-        return self.kind in ("mixed", "ghost budget")
+        return self.kind in ("mixed", "ghost budget", "structured budget")
 
 
 def rows(quick: bool) -> list[Row]:
@@ -133,6 +128,7 @@ def rows(quick: bool) -> list[Row]:
     table += [Row(HALF + d, "structured", d, channel_ratio=0.5) for d in variants]
     for at in (GHOST, HALF):
         table += [Row(f"budget plan (mixed) @ {at}{d}", "mixed", d, at=at) for d in variants]
+        table += [Row(f"budget plan (structured only) @ {at}{d}", "structured budget", d, at=at) for d in variants]
         if not quick:
             table += [Row(f"budget plan (Ghost only) @ {at}{d}", "ghost budget", d, at=at) for d in variants]
         table.append(Row(f"channel pruning @ {at}", "pruning", at=at))
@@ -140,6 +136,8 @@ def rows(quick: bool) -> list[Row]:
     for fraction in QUICK_CURVE if quick else CURVE:
         curve += [Row(f"budget plan (mixed) @ {fraction}{d}", "mixed", d, fraction=fraction, table=False)
                   for d in variants]  # fmt: skip
+        curve.append(Row(f"budget plan (structured only) @ {fraction}", "structured budget", fraction=fraction,
+                         table=False))  # fmt: skip
         curve.append(Row(f"channel pruning @ {fraction}", "pruning", fraction=fraction, table=False))
     if not quick:
         curve += [
@@ -167,9 +165,10 @@ def _callback(row: Row, fraction: float | None, half: int, epochs: int) -> Callb
     schedule = {"start_epoch": half, "calibration_batches": CALIBRATION_BATCHES, **extra}
     if row.kind == "ghost":
         return GhostConvCallback(ratio=row.ratio, init="inherit", **schedule)
-    budget_class = _budget_callback_class()
-    if row.kind == "mixed" and budget_class is not None:
-        return budget_class(target_macs=fraction, **schedule)
+    if row.kind == "mixed":
+        return BudgetConvCallback(target_macs=fraction, **schedule)
+    if row.kind == "structured budget":
+        return BudgetConvCallback(target_macs=fraction, methods="structured", **schedule)
     return GhostConvCallback(target_macs=fraction, init="inherit", **schedule)
 
 
@@ -243,7 +242,6 @@ def run_seed(seed: int, epochs: int, image_size: int, quick: bool, keep: str | N
                     results[row.key] = {**figures, "refused": str(err)}
                     print(f"seed {seed}: {row.key}: refused: {err}", flush=True)
                     continue
-                figures["callback"] = type(callback).__name__
                 figures["plan"] = _plan_summary(callback)
             macs, params = _counts(model.backbone, image_size)
             figures.update(
@@ -339,6 +337,7 @@ def _families(summary: dict, quick: bool, variant: str) -> dict[str, list[Row]]:
     everything = rows(quick)
     families = {
         f"budget plan (mixed){variant}": [r for r in everything if r.kind == "mixed" and r.distill == variant],
+        "budget plan (structured only)": [r for r in everything if r.kind == "structured budget" and not r.distill],
         "budget plan (Ghost only)": [r for r in everything if r.kind == "ghost budget" and not r.distill],
         "uniform Ghost s=2, 3, 4": [r for r in everything if r.kind == "ghost" and not r.distill],
         "uniform structured c=C, C/2": [r for r in everything if r.kind == "structured" and not r.distill],
@@ -418,12 +417,15 @@ def _curve_table(summary: dict, quick: bool) -> list[str]:
     variants = list(DISTILL)
     head = " | ".join(f"budget plan (mixed){v}" for v in variants)
     lines = [
-        f"| MAC fraction asked | {head} | channel pruning | MACs ratio reached (plan / pruning) |",
-        "|---|" + "---|" * (len(variants) + 2),
+        f"| MAC fraction asked | {head} | budget plan (structured only) | channel pruning | MACs ratio reached (mixed "
+        "plan / structured-only plan / pruning) |",
+        "|---|" + "---|" * (len(variants) + 3),
     ]
     for fraction in QUICK_CURVE if quick else CURVE:
         cells, ratios = [], []
-        keys = [f"budget plan (mixed) @ {fraction}{v}" for v in variants] + [f"channel pruning @ {fraction}"]
+        plans = [f"budget plan (mixed) @ {fraction}{v}" for v in variants]
+        plans.append(f"budget plan (structured only) @ {fraction}")
+        keys = [*plans, f"channel pruning @ {fraction}"]
         for key in keys:
             runs = summary[key]
             if not _trained(runs):
@@ -431,7 +433,7 @@ def _curve_table(summary: dict, quick: bool) -> list[str]:
                 continue
             mean, std = _acc(runs)
             cells.append(f"{mean:.2f} ± {std:.2f} ({mean - base:+.2f})")
-            if key in (keys[0], keys[-1]):
+            if key in (keys[0], keys[-2], keys[-1]):
                 ratios.append(f"{_mean(runs, 'macs_ratio'):.2f}x")
         lines.append(f"| {fraction} | {' | '.join(cells)} | {' / '.join(ratios)} |")
     return lines
@@ -439,8 +441,9 @@ def _curve_table(summary: dict, quick: bool) -> list[str]:
 
 def _targets(summary: dict, quick: bool, variant: str) -> tuple[list[str], list[str]]:
     """The issue's targets as ``(lines for the section, missed)``: at ~2x and ~4x fewer MACs the best budget row
-    within 0.3 / 1.0 points of dense; every mixed-plan point of the curve (``variant``) at or above channel pruning at
-    the same budget; every budget met within :data:`BUDGET_TOLERANCE` below the asked fraction."""
+    within 0.3 / 1.0 points of dense; every point of the mixed plans (``variant``) and of the structured-only plans at
+    or above channel pruning at the same budget; every budget met within :data:`BUDGET_TOLERANCE` below the asked
+    fraction."""
     everything = rows(quick)
     base = _acc(summary[DENSE])[0]
     lines, missed = [], []
@@ -462,7 +465,8 @@ def _targets(summary: dict, quick: bool, variant: str) -> tuple[list[str], list[
             f"at ~{level} fewer MACs the best budget row is {_label(best, summary[best.key])} "
             f"({_mean(summary[best.key], 'macs_ratio'):.2f}x): {delta:+.2f} points vs dense (target: within {allowed})",
         )
-    for row in (r for r in everything if r.kind == "mixed" and r.distill == variant):
+    compared = [r for r in everything if (r.kind, r.distill) in (("mixed", variant), ("structured budget", ""))]
+    for row in compared:
         plan, pruned = summary.get(row.key), summary.get(f"channel pruning @ {row.at or row.fraction}")
         if not (_trained(plan) and _trained(pruned)):
             continue
@@ -488,6 +492,19 @@ def _targets(summary: dict, quick: bool, variant: str) -> tuple[list[str], list[
     return lines, missed
 
 
+def _paired(summary: dict, pairs: list[tuple[str, str]], what: str, unit: str) -> list[str]:
+    """One finding line: the accuracy of the second row of each pair against the first (both trained in every seed),
+    as range, mean and how many are better; none when no pair was trained."""
+    pairs = [(a, b) for a, b in pairs if _trained(summary.get(a)) and _trained(summary.get(b))]
+    if not pairs:
+        return []
+    gains = [_acc(summary[b])[0] - _acc(summary[a])[0] for a, b in pairs]
+    return [
+        f"- {what}, over the {len(pairs)} {unit}: {min(gains):+.2f} to {max(gains):+.2f} points (mean "
+        f"{statistics.fmean(gains):+.2f}); better on {sum(g > 0 for g in gains)} of them."
+    ]
+
+
 def _findings(summary: dict, quick: bool, variant: str, latency: dict) -> list[str]:
     """What the tables say, every figure taken from ``summary`` / ``latency``."""
     everything = rows(quick)
@@ -506,17 +523,11 @@ def _findings(summary: dict, quick: bool, variant: str, latency: dict) -> list[s
                 "fewer), points vs dense: " + "; ".join(delta(k).replace(f" @ {at}", "") for k in at_rows) + "."
             )
     for suffix in DISTILL:
-        if not suffix:
-            continue
-        pairs = [(r.key.removesuffix(suffix), r.key) for r in everything if r.table and r.distill == suffix]
-        pairs = [(p, d) for p, d in pairs if _trained(summary.get(p)) and _trained(summary.get(d))]
-        if pairs:
-            gains = [_acc(summary[d])[0] - _acc(summary[p])[0] for p, d in pairs]
-            lines.append(
-                f"- `{suffix.strip(' +')}` against the same row without it, over the {len(pairs)} table rows: "
-                f"{min(gains):+.2f} to {max(gains):+.2f} points (mean {statistics.fmean(gains):+.2f}); better on "
-                f"{sum(g > 0 for g in gains)} of them."
-            )
+        if suffix:
+            pairs = [(r.key.removesuffix(suffix), r.key) for r in everything if r.table and r.distill == suffix]
+            lines += _paired(summary, pairs, f"`{suffix.strip(' +')}` against the same row without it", "table rows")
+    pairs = [(r.key, r.key.replace("(mixed)", "(structured only)")) for r in everything if r.kind == "mixed"]
+    lines += _paired(summary, pairs, "Structured-only plans against mixed plans at the same budget", "budgets")
     chance = [
         f"{_label(r, summary[r.key])} ({sum(x['final'] <= CHANCE for x in summary[r.key])} of {len(summary[r.key])})"
         for r in everything
@@ -538,9 +549,6 @@ def _findings(summary: dict, quick: bool, variant: str, latency: dict) -> list[s
                 )
     if plans:
         lines.append("- Mixed plans (seed 0, planned layers by method): " + "; ".join(plans) + ".")
-    callbacks = {r.get("callback") for row in everything if row.kind == "mixed" for r in summary[row.key]}
-    if callbacks == {"GhostConvCallback"}:
-        lines.append("- BudgetConvCallback was not available: the 'mixed' rows ran GhostConvCallback(target_macs).")
     name = f"budget plan (mixed){variant}" if variant else "budget plan (mixed) without distillation"
     lines.append(
         f"- The curve draws {name}: "
@@ -596,7 +604,7 @@ def render(saved: dict, measured: str, argv: list[str]) -> Section:
 
 def main(argv: list[str] | None = None) -> Section:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=None, help="default 3 (--quick: 1)")
+    parser.add_argument("--seeds", type=int, default=None, help="default 5 (--quick: 1)")
     parser.add_argument("--epochs", type=int, default=None, help="epoch budget of every row (default 6; --quick: 4)")
     parser.add_argument("--image-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2, help="seeds trained in parallel (1 torch thread each)")
@@ -605,7 +613,7 @@ def main(argv: list[str] | None = None) -> Section:
     parser.add_argument("--quick", action="store_true", help="1 seed, 4 epochs, fewer rows: a smoke run")
     parser.add_argument("--from-json", action="store_true", help=f"only re-render results/{NAME}.json")
     args = parser.parse_args(argv)
-    args.seeds = args.seeds or (1 if args.quick else 3)
+    args.seeds = args.seeds or (1 if args.quick else 5)
     args.epochs = args.epochs or (4 if args.quick else 6)
     repeats = args.repeats or (3 if args.quick else 7)
     rerun = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--from-json"]

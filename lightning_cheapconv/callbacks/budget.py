@@ -52,7 +52,11 @@ class BudgetConvCallback(ProjectedLayers, GhostConvCallback):
             cannot be met is refused before anything changes, naming the smallest reachable value: at setup when
             ``example_input_array`` is set, else after the first training batch (MACs/params; a latency budget at the
             first stage).
-        methods: what a layer may become: ``("ghost", "structured")`` (default), or one of them.
+        methods: what a layer may become: ``("ghost", "structured")`` (default), or one of them. The plan's scores
+            are output errors right after conversion and do not see that converted Ghost layers fine-tune worse
+            than projected structured ones: on the digits benchmark (BENCHMARKS.md, table 3b) ``"structured"``
+            alone ended more accurate than the mix at most budgets; allow ``"ghost"`` where your runtime runs
+            Ghost modules fastest (a ``target_latency_ms`` plan then weighs their measured latency).
         include, exclude: glob patterns on qualified layer names.
         calibration_batches: training batches whose forward inputs fit the Ghost inheritance on real activations and
             re-estimate the BatchNorm statistics after each stage (0: kernel-space fit, statistics left to training);
