@@ -141,6 +141,9 @@ def test_ddp_plan_identical_on_two_ranks(tmp_path: Path) -> None:
         assert ranks[0]["sha256"] == ranks[1]["sha256"]
         assert ranks[0]["macs_fraction"] <= 0.6 + 1e-9
         assert ranks[0]["distill"] > 0
+        assert ranks[0]["logged"].keys() == ranks[1]["logged"].keys() and "train/distill_epoch" in ranks[0]["logged"]
+        assert ranks[0]["logged"] == ranks[1]["logged"]  # reduced across ranks (their batches differ)
+        assert ranks[0]["unsynced"] == []  # no "use sync_dist=True" warning for the callback's metrics
 
 
 # -- latency budgets, with a stubbed timer (no real timing in tests) -----------------------------------------------

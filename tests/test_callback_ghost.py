@@ -779,3 +779,22 @@ def test_a_layer_called_twice_counts_its_macs_twice() -> None:
     assert isinstance(model.shared, GhostConv2d) and callback.targets == ["shared"]
     assert trainer.logged_metrics["compression/macs_ratio"] == pytest.approx(before / after, rel=1e-6)
     assert trainer.logged_metrics["compression/macs"] == pytest.approx(after, rel=1e-6)
+
+
+def test_compression_metrics_skipped_on_every_rank_when_one_rank_cannot_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``compression/*`` are logged with ``sync_dist=True``, a collective: when another rank could not count (its
+    recorded input failed to run), this rank logs nothing either instead of waiting in the sync. Here the strategy's
+    all-ranks decision stands for the other rank's failure."""
+    decisions: list[bool] = []
+
+    def another_rank_failed(self: Any, decision: bool, all: bool = True) -> bool:  # noqa: A002 - Lightning's name
+        decisions.append(decision)
+        return False
+
+    model = _SharedHead()
+    callback = GhostConvCallback(include="shared", verbose=0)
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=1, callbacks=[callback])
+    monkeypatch.setattr(type(trainer.strategy), "reduce_boolean_decision", another_rank_failed)
+    trainer.fit(model, loader(n=16, batch_size=8, size=16), loader(n=8, batch_size=8, size=16))
+    assert decisions == [True]  # this rank counted, at the one validation end
+    assert not any(k.startswith("compression/") for k in trainer.logged_metrics)

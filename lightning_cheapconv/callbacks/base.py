@@ -292,7 +292,7 @@ class CheapConvCallback(Callback):
         total = self.distiller.take_losses()
         if total is None:
             return
-        pl_module.log("train/distill", total, on_step=True, on_epoch=True, prog_bar=False)
+        pl_module.log("train/distill", total, on_step=True, on_epoch=True, prog_bar=False, sync_dist=True)
         if self.distiller.diverged(float(total)):
             rank_zero_warn(
                 f"{type(self).__name__}: distillation is diverging: the distillation loss of a step reached "
@@ -555,10 +555,14 @@ class CheapConvCallback(Callback):
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # No tracker outside fit (``trainer.validate`` before any fit): nothing to log.
-        if trainer.sanity_checking or self.tracker is None or not self._measure(pl_module):
+        if trainer.sanity_checking or self.tracker is None:
+            return
+        # Logged synced (values equal on every rank, as the model's structure is), so every rank must log them: a
+        # rank whose recorded input failed to run stops all from logging instead of leaving the others in the sync.
+        if not trainer.strategy.reduce_boolean_decision(self._measure(pl_module), all=True):
             return
         assert self.tracker is not None
-        pl_module.log_dict(self.tracker.metrics(self._cheap_layers(pl_module)), on_epoch=True, sync_dist=False)
+        pl_module.log_dict(self.tracker.metrics(self._cheap_layers(pl_module)), on_epoch=True, sync_dist=True)
 
     def _report(self, pl_module: LightningModule, title: str) -> None:
         """Rich table of the original vs the current model, on rank 0."""

@@ -320,7 +320,7 @@ class StructuredConvCallback(ProjectedLayers):
                 else:
                     param.grad.add_(grad)
         if copies:
-            pl_module.log("train/struct_reg", total, on_step=True, on_epoch=True, prog_bar=False)
+            pl_module.log("train/struct_reg", total, on_step=True, on_epoch=True, prog_bar=False, sync_dist=True)
 
     @staticmethod
     def _loss_scale_left(trainer: Trainer, optimizer: torch.optim.Optimizer) -> float:

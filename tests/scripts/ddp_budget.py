@@ -8,7 +8,8 @@ first training batch) and ``budget`` (``BudgetConvCallback(target_macs=0.6, star
 plan, Ghost layers fitted on rank 0's calibration batches).
 
 Each rank writes ``OUT_DIR/{mode}_rank{r}.json``: the world size, the budget plan, a SHA-256 of all final parameters,
-the MAC fraction counted after fit and the last logged ``train/distill``.
+the MAC fraction counted after fit, the last epoch's logged ``train/distill`` and ``compression/*`` values (synced
+across ranks) and Lightning's warnings that recommend ``sync_dist=True`` for one of the callback's metrics.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import hashlib
 import importlib
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from nets import user_project, user_trainer
@@ -38,7 +40,13 @@ def run(out_dir: Path, namespace: str, mode: str) -> None:
     else:
         callback = StructuredConvCallback(verbose=0, target_macs=0.6, distill=True)
     trainer = user_trainer(lp, max_epochs=3, devices=2, strategy="ddp", callbacks=[callback])
-    trainer.fit(model, datamodule=project.DataModule(batch_size=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, datamodule=project.DataModule(batch_size=4))
+    ours = ("'train/distill'", "'compression/")
+    unsynced = [
+        str(w.message) for w in caught if "sync_dist=True" in str(w.message) and any(k in str(w.message) for k in ours)
+    ]
     digest = hashlib.sha256()
     for name, param in model.named_parameters():
         digest.update(name.encode())
@@ -49,6 +57,10 @@ def run(out_dir: Path, namespace: str, mode: str) -> None:
         "sha256": digest.hexdigest(),
         "macs_fraction": count_complexity(model, input_shape=(1, 3, 8, 8)).macs / before,
         "distill": float(trainer.callback_metrics.get("train/distill", float("nan"))),
+        "logged": {
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/distill", "compression/"))
+        },
+        "unsynced": unsynced,
     }
     (out_dir / f"{mode}_rank{trainer.global_rank}.json").write_text(json.dumps(result, indent=1))
 
