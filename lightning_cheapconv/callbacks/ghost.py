@@ -18,7 +18,7 @@ from ..convert import (
     select_layers,
 )
 from ..validation import check_choice, check_int
-from .base import CheapConvCallback, Patterns
+from .base import CheapConvCallback, Patterns, short_list
 from .schedule import Order, schedule_window
 from .surgery import broadcast_module, check_strategy, follow_in_averaged_copies, rewrap, swap_in_optimizers
 
@@ -255,8 +255,20 @@ class GhostConvCallback(CheapConvCallback):
         self._check_budget_early(pl_module, f"{self._when(trainer)} (first training batch)")
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._pending and self.unit == "epoch":  # the epoch had fewer batches than calibration_batches
-            self._convert(trainer, pl_module, self._pending, f"end of epoch {trainer.current_epoch}", mid_fit=True)
+        if not (self._pending and self.unit == "epoch"):
+            return
+        # The epoch had fewer batches than the forwards to record: convert now, with the batches it had.
+        names, recorded, needed = list(self._pending), len(self._calls), self._calls_needed()
+        epoch, last = trainer.current_epoch, self._last_reached(trainer)
+        self._convert(trainer, pl_module, self._pending, f"end of epoch {epoch}", mid_fit=True)
+        if trainer.should_stop or (last is not None and epoch >= last):
+            rank_zero_warn(
+                f"{type(self).__name__}: epoch {epoch} ran {recorded} training batch(es), fewer than the "
+                f"{needed} recorded forwards a conversion waits for (calibration_batches="
+                f"{self.calibration_batches}), so {len(names)} layer(s) were converted at the end of the last training "
+                f"epoch and got no fine-tuning: {short_list(names)}. Lower calibration_batches, or start the stage an "
+                "epoch earlier."
+            )
 
     # -- conversion ---------------------------------------------------------------------------------
     def _convert(
