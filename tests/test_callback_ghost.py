@@ -541,8 +541,8 @@ def test_verbose_prints_stages_and_report(caplog: pytest.LogCaptureFixture, caps
     assert "GhostConvCallback: 3 layer(s) selected, 1 skipped" in text
     assert "skip stem: first conv" in text
     assert "epoch 0: c3, c2" in text and "epoch 1: c1" in text
-    assert "GhostConvCallback: setup: converted 2 layer(s) (2/3 now Ghost" in text
-    assert "GhostConvCallback: epoch 1: converted 1 layer(s) (3/3 now Ghost" in text
+    assert "GhostConvCallback: setup: converted 2 layer(s) (2 of 3 target layers now Ghost" in text
+    assert "GhostConvCallback: epoch 1: converted 1 layer(s) (3 of 3 target layers now Ghost" in text
     assert "  c1: fit error " in text
     report = capsys.readouterr().out
     assert "original vs Ghost" in report and "GhostConv2d" in report

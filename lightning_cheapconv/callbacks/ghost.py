@@ -320,7 +320,7 @@ class GhostConvCallback(CheapConvCallback):
             )
             rank_zero_info(
                 f"{type(self).__name__}: {when}: converted {len(names)} layer(s) "
-                f"({len(self.fit_errors)}/{len(self.targets)} now {self.form_name}{detail})"
+                f"({len(self.fit_errors)} of {len(self.targets)} target layers now {self.form_name}{detail})"
                 + (per_layer if self.verbose > 1 else "")
             )
 

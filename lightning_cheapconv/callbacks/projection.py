@@ -100,8 +100,8 @@ class ProjectedLayers(CheapConvCallback):
             worst = max(moved.values(), default=0.0)
             rank_zero_info(
                 f"{type(self).__name__}: {when}: projecting {len(names)} layer(s) "
-                f"({len(self.projected)}/{len(self.targets)} now structured; largest relative move {worst:.3g})"
-                + "".join(f"\n  {n}: moved {moved[n]:.3g}" for n in moved if self.verbose > 1)
+                f"({len(self.projected)} of {len(self.targets)} target layers now structured; largest relative move "
+                f"{worst:.3g})" + "".join(f"\n  {n}: moved {moved[n]:.3g}" for n in moved if self.verbose > 1)
             )
         return moved
 
