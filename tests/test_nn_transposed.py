@@ -321,7 +321,7 @@ def test_ghost_inheritance_beats_random_init():
         (lambda: StructuredConvTranspose2d(4, 4, 3, padding_mode="reflect"), "padding_mode='reflect'"),
         (lambda: StructuredConvTranspose2d(4, 4, 3, hidden_channels=5), r"channels \(c\)=5 is out of range"),
         (lambda: StructuredConvTranspose3d(4, 4, 3, hidden_kernel_size=(2, 2)), "hidden_kernel_size=.* 3 ints"),
-        (lambda: StructuredConvTranspose1d(4, 4, (3, 3)), "kernel_size=.*1 ints"),
+        (lambda: StructuredConvTranspose1d(4, 4, (3, 3)), r"kernel_size=.*a tuple of 1 int\)"),
         (lambda: StructuredConvTranspose2d(4, 6, 3, groups=4), "divisible by groups=4"),
         (lambda: StructuredConvTranspose2d(4, 4, 3, padding=-1), "padding=-1 is out of range"),
         (lambda: GhostConvTranspose2d(4, 4, 3, ratio=1), "ratio=1"),

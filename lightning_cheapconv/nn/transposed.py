@@ -67,10 +67,10 @@ from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..structure import StructureSpec, from_alpha, to_alpha
-from ..validation import check_bool, check_choice, is_int, short_repr
+from ..validation import check_bool, check_choice, short_repr
 from .functional import window_sum, window_sum_additions
 from .ghost import _GhostConvNd, check_ghost_sizes
-from .record import MAX_SIZE, StructureRecordMixin, check_positive_ints, register_kind
+from .record import StructureRecordMixin, check_conv_sides, check_positive_ints, register_kind
 
 __all__ = [
     "GhostConvTranspose1d",
@@ -101,18 +101,6 @@ class TransposeArgs(NamedTuple):
     bias: bool
     dilation: tuple[int, ...]
     padding_mode: str
-
-
-def _sides(owner: str, name: str, value: Any, dims: int, minimum: int) -> tuple[int, ...]:
-    """``value`` as ``dims`` ints in ``minimum..MAX_SIZE`` (an int means the same on every side)."""
-    sides = (value,) * dims if is_int(value) else value
-    valid = isinstance(sides, Sequence) and not isinstance(sides, str) and len(sides) == dims
-    if not (valid and all(is_int(v) and minimum <= v <= MAX_SIZE for v in sides)):
-        raise ValueError(
-            f"{owner}: {name}={short_repr(value)} is out of range; each side must be in {minimum}..{MAX_SIZE} "
-            f"(an int, or a tuple of {dims} ints)"
-        )
-    return tuple(int(v) for v in sides)
 
 
 def check_transpose_args(
@@ -155,11 +143,11 @@ def check_transpose_args(
             f"{owner}: in_channels={in_channels} and out_channels={out_channels} "
             f"must both be divisible by groups={groups}"
         )
-    kernel = _sides(owner, "kernel_size", kernel_size, dims, 1)
-    strides = _sides(owner, "stride", stride, dims, 1)
-    dilations = _sides(owner, "dilation", dilation, dims, 1)
-    pads = _sides(owner, "padding", padding, dims, 0)
-    extra = _sides(owner, "output_padding", output_padding, dims, 0)
+    kernel = check_conv_sides("kernel_size", kernel_size, 1, dims, owner)
+    strides = check_conv_sides("stride", stride, 1, dims, owner)
+    dilations = check_conv_sides("dilation", dilation, 1, dims, owner)
+    pads = check_conv_sides("padding", padding, 0, dims, owner)
+    extra = check_conv_sides("output_padding", output_padding, 0, dims, owner)
     limits = tuple(max(s, d) for s, d in zip(strides, dilations, strict=True))
     if any(o >= limit for o, limit in zip(extra, limits, strict=True)):
         raise ValueError(
@@ -261,7 +249,7 @@ class _StructuredConvTransposeNd(_ReplacesConvTranspose, StructureRecordMixin, n
             hidden_channels = per_group
         if hidden_kernel_size is None:
             hidden_kernel_size = tuple(max(1, k - 1) for k in self.kernel_size)
-        hidden_kernel = _sides(owner, "hidden_kernel_size", hidden_kernel_size, dims, 1)
+        hidden_kernel = check_conv_sides("hidden_kernel_size", hidden_kernel_size, 1, dims, owner)
         self.spec = StructureSpec(hidden_channels, hidden_kernel)
         self.spec.validate((per_group, *self.kernel_size), layer=owner)
         self.hidden_channels, self.hidden_kernel_size = hidden_channels, hidden_kernel
