@@ -421,31 +421,21 @@ def _curve_table(summary: dict, quick: bool) -> list[str]:
     fraction asked."""
     base = _acc(summary[DENSE])[0]
     fractions = QUICK_CURVE if quick else CURVE
-    names = [f"{name}{v}" for name in PLANS.values() for v in DISTILL] + ["channel pruning"]
     lines = [
         "| MAC fraction asked | " + " | ".join(f"{f}" for f in fractions) + " |",
         "|---|" + "---|" * len(fractions),
     ]
-    for name in names:
+    for name, suffix in [*((n, v) for n in PLANS.values() for v in DISTILL), ("channel pruning", "")]:
         cells = []
         for fraction in fractions:
-            key = _curve_key(name, fraction)
-            runs = summary.get(key)
+            runs = summary.get(f"{name} @ {fraction}{suffix}")
             if not _trained(runs):
                 cells.append("refused" if runs else "-")
                 continue
             mean, std = _acc(runs)
             cells.append(f"{mean:.2f} ± {std:.2f} ({mean - base:+.2f}; {_mean(runs, 'macs_ratio'):.2f}x)")
-        lines.append(f"| {name} | {' | '.join(cells)} |")
+        lines.append(f"| {name}{suffix} | {' | '.join(cells)} |")
     return lines
-
-
-def _curve_key(name: str, fraction: float) -> str:
-    """The row key of family-and-variant ``name`` (``"budget plan (mixed) + distill"``) at ``fraction``."""
-    for suffix in sorted(DISTILL, key=len, reverse=True):
-        if suffix and name.endswith(suffix):
-            return f"{name.removesuffix(suffix)} @ {fraction}{suffix}"
-    return f"{name} @ {fraction}"
 
 
 def _targets(summary: dict, quick: bool, variants: dict[str, str]) -> tuple[list[str], list[str]]:
