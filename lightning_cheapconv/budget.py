@@ -10,8 +10,8 @@ conv the candidates are: keep it dense; a conv-only Ghost module (Han et al., CV
 side (the full ``(C, k)`` excluded). Each candidate has
 
 - a **cost**: MACs and parameters counted with the formulas of :func:`~lightning_cheapconv.complexity.count_complexity`
-  (MACs per output position times the positions the dense layer computes in the example's forward pass), so the
-  converted model meets the budget when counted independently; with ``latency_ms``, its latency on the example's
+  (MACs per output position times the positions the dense layer computes for one example: the first item of the
+  example's batch), so the converted model meets the budget when counted independently; with ``latency_ms``, its latency on the example's
   device and batch, timed alone on a random input of the shape the layer sees
   (:func:`~lightning_cheapconv.deploy.time_interleaved`);
 - a **sensitivity**: the squared relative output error ``‖y' - y‖² / ‖y‖²`` of the layer on the calibration batch,
@@ -38,14 +38,12 @@ Example::
 
 from __future__ import annotations
 
-import io
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
-from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
 
@@ -62,6 +60,7 @@ from .convert import (
 )
 from .deploy import time_interleaved
 from .inherit import ghost_output_errors
+from .report import plain_text
 from .reuse import evaluating
 from .structure import StructureSpec, project
 from .validation import (
@@ -86,7 +85,7 @@ __all__ = [
 GHOST_RATIOS: tuple[int, ...] = (2, 3, 4)
 """Ghost ratios ``s`` tried per layer (``d =`` :data:`GHOST_DW_SIZE`)."""
 GHOST_DW_SIZE = 3
-CHANNEL_RATIOS: tuple[float, ...] = (1.0, 0.5, 0.25)
+CHANNEL_RATIOS: tuple[float, ...] = (1.0, 0.75, 0.5, 0.375, 0.25)
 """Structured hidden channels tried per layer: ``c = round(C · ratio)`` (at least 1)."""
 KERNEL_REDUCTIONS: tuple[int, ...] = (1, 0)
 """Structured hidden kernel sizes tried per layer: ``n = k - reduction`` (at least 1)."""
@@ -113,9 +112,10 @@ _PlainConv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 class Candidate:
     """One option for one layer: its method and hyper-parameters, costs and sensitivity.
 
-    ``macs`` over the example's forward pass and ``params`` are counted as :func:`count_complexity` counts them;
-    ``latency_ms`` is the layer's median time (``None`` unless a latency budget was asked); ``sensitivity`` the squared
-    relative output error on the calibration batch (0 for dense).
+    ``macs`` (per example: a forward pass of the first item of the example's batch) and ``params`` are counted as
+    :func:`count_complexity` counts them; ``latency_ms`` is the layer's median time on the whole example (``None``
+    unless a latency budget was asked); ``sensitivity`` the squared relative output error on the calibration batch
+    (0 for dense).
 
     Example::
 
@@ -166,7 +166,7 @@ class BudgetPlan:
     """A per-layer plan: what each selected layer becomes, and the totals it predicts.
 
     ``budgets`` are the limits asked (``macs``/``params`` as fractions of the original, ``latency_ms`` in ms);
-    ``before`` the original totals (MACs over the example's forward pass, parameters, latency in ms when measured);
+    ``before`` the original totals (MACs per example, parameters, latency in ms when measured);
     ``fixed`` the part of each total outside the planned layers. ``skipped`` lists the layers not planned, with why.
 
     Example::
@@ -237,16 +237,14 @@ class BudgetPlan:
         kinds = {m: sum(layer.choice.method == m for layer in self.layers) for m in ("dense", "ghost", "structured")}
         return (
             f"{kinds['ghost']} Ghost, {kinds['structured']} structured, {kinds['dense']} dense of {len(self.layers)} "
-            f"planned layers ({len(self.skipped)} not planned). MACs = FLOPs / 2 as count_complexity counts them, over "
-            "the whole batch the plan was made on (the report and compression/macs count one example); "
+            f"planned layers ({len(self.skipped)} not planned). MACs = FLOPs / 2 per example, as count_complexity, "
+            "the report and compression/macs count them; "
             f"fractions of the original (0.5 = half); rel. error = ‖y' - y‖ / ‖y‖ of the layer on the calibration "
             f"batch; total sensitivity (sum of squared errors) {self.sensitivity:.4g}."
         )
 
     def __str__(self) -> str:
-        buffer = io.StringIO()
-        Console(file=buffer, width=150, force_terminal=False, color_system=None).print(self.table())
-        return buffer.getvalue().rstrip()
+        return plain_text(self.table())
 
     def __rich__(self) -> Table:
         return self.table()
@@ -405,6 +403,12 @@ class _Sensitivities:
         if self.ratios[name]:
             self.inputs[name] = args[0][:count].detach()
 
+    def zero(self, names: Iterable[str]) -> None:
+        """Score every candidate of ``names`` 0 without a forward pass (only the costs are wanted)."""
+        for name in names:
+            self.structured[name] = dict.fromkeys(self.specs[name], 0.0)
+            self.ghost[name] = dict.fromkeys(self.ratios[name], 0.0)
+
 
 def _structured_errors(
     conv: _PlainConv, x: Tensor, y: Tensor, specs: list[StructureSpec]
@@ -553,6 +557,34 @@ def plan_budget(
     return plan
 
 
+def check_budget_reachable(
+    model: nn.Module,
+    example_input: Tensor | ModelCall,
+    *,
+    macs: float | None = None,
+    params: float | None = None,
+    methods: Sequence[str] = METHODS,
+    include: str | Sequence[str] | None = None,
+    skip_first: bool = True,
+    skip_last: bool = True,
+) -> None:
+    """Raise what :func:`plan_budget` would raise for these MACs/params budgets (an invalid argument, a budget no
+    plan can meet, budgets that cannot be met together), from the costs alone: no calibration pass and no
+    sensitivities, so it costs one counting pass of ``example_input``. The callbacks refuse an unreachable budget
+    with it before their first stage. Messages name ``plan_budget``, as the plan's would. The model is not changed.
+
+    Example::
+
+        >>> check_budget_reachable(model, torch.randn(1, 3, 32, 32), macs=0.01)
+        Traceback (most recent call last):
+        ValueError: plan_budget: macs=0.01 cannot be met: the smallest reachable value is ...
+    """
+    budgets = {"macs": macs, "params": params, "latency_ms": None}
+    _plan(
+        "plan_budget", model, example_input, budgets, methods, None, include, None, skip_first, skip_last, score=False
+    )
+
+
 def _plan(
     owner: str,
     model: nn.Module,
@@ -564,11 +596,15 @@ def _plan(
     exclude: Any,
     skip_first: bool,
     skip_last: bool,
+    score: bool = True,
 ) -> tuple[BudgetPlan, dict[str, Tensor]]:
+    """The plan of :func:`plan_budget` and the first images of each Ghost-planned layer's input (for the fits of
+    :func:`apply_budget_plan`). ``score=False`` skips the calibration pass: every candidate's sensitivity is 0, so
+    the plan meets the budgets (or the same errors are raised) but its choices carry no information."""
     asked, methods = _check_arguments(
         owner, model, example_input, budgets, methods, calibration, include, exclude, skip_first, skip_last
     )
-    before_counts = count_complexity(model, example_input=example_input)
+    before_counts = count_complexity(model, example_input=_first(example_input))  # per example: MACs scale with it
     allowed, skipped, entries = _selection(model, methods, include, exclude, skip_first, skip_last, example_input)
     rows = before_counts.by_name()
     layers: dict[str, _PlainConv] = {}
@@ -601,21 +637,24 @@ def _plan(
             if "ghost" in allowed[name] and conv.out_channels >= s and _ghost_costs(conv, s)[1] < dense_params
         ]
     scorer = _Sensitivities(specs, ratios)
-    handles = []
-    try:
-        for name, conv in layers.items():
-            handles.append(conv.register_forward_hook(lambda m, a, o, name=name: scorer(m, a, o, name)))
-        batch = example_input if calibration is None else calibration
-        with evaluating(model):
-            as_calls(batch)[0].run(model, "example_input" if calibration is None else "calibration")
-    finally:
-        for handle in handles:
-            handle.remove()
+    if score:
+        handles = []
+        try:
+            for name, conv in layers.items():
+                handles.append(conv.register_forward_hook(lambda m, a, o, name=name: scorer(m, a, o, name)))
+            batch = example_input if calibration is None else calibration
+            with evaluating(model):
+                as_calls(batch)[0].run(model, "example_input" if calibration is None else "calibration")
+        finally:
+            for handle in handles:
+                handle.remove()
+    else:
+        scorer.zero(layers)
 
     options: dict[str, list[Candidate]] = {}
     for name, conv in layers.items():
         row = rows[name]
-        positions = row.macs // _dense_per_position(conv)  # batch x output positions x calls in the example
+        positions = row.macs // _dense_per_position(conv)  # output positions x calls, per example
         candidates = [Candidate("dense", macs=row.macs, params=_own_params(conv))]
         for ratio in ratios[name]:
             per_position, ghost_params = _ghost_costs(conv, ratio)

@@ -240,16 +240,22 @@ def compression_report(
     add(total, "bold")
     if print_table:
         assert console is not None
-        _print(console, table)
+        print_full_width(console, table)
     return table
 
 
-def _print(console: Console, table: Table) -> None:
+def plain_text(table: Table) -> str:
+    """``table`` as plain text at its full width, never wrapped or cut (for ``str()``, logs and files)."""
+    width = Console(file=io.StringIO(), width=_UNLIMITED).measure(table).maximum
+    buffer = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False)
+    buffer.print(table)
+    return buffer.file.getvalue().rstrip()
+
+
+def print_full_width(console: Console, table: Table) -> None:
     """On a terminal as it is (fitted to its width); elsewhere at the table's full width, never wrapped."""
     full = console.measure(table, options=console.options.update(width=_UNLIMITED)).maximum
     if console.is_terminal or full <= console.width:
         console.print(table)
         return
-    buffer = Console(file=io.StringIO(), width=full, color_system=None, force_terminal=False)
-    buffer.print(table)
-    console.print(Text(buffer.file.getvalue().rstrip("\n")), soft_wrap=True)
+    console.print(Text(plain_text(table)), soft_wrap=True)

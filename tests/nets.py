@@ -141,6 +141,9 @@ def run_script(name: str, *args: str, timeout: float) -> subprocess.CompletedPro
 # tests/test_lightning_setups.py and tests/scripts/ddp_project.py.
 
 USER_TARGETS = ("backbone.body.0.0", "backbone.body.1.0", "backbone.body.2.0")  # the stem stays (skip_first)
+MIXING_GRID = (1.0, 0.5, 0.25)
+"""A coarser structured grid (``budget.CHANNEL_RATIOS``) than the default: on it the user model's plan at
+``target_macs=0.6`` mixes Ghost, structured and dense layers; on the default grid it is all structured and dense."""
 
 
 def user_images(n: int = 32, size: int = 8, classes: int = 4, seed: int = 0) -> torch.utils.data.TensorDataset:

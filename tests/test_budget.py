@@ -12,7 +12,13 @@ from torch import nn
 from lightning_cheapconv import budget as budget_module
 from lightning_cheapconv import convert as convert_module
 from lightning_cheapconv import get_model
-from lightning_cheapconv.budget import TOLERANCE, BudgetResult, compress_to_budget, plan_budget
+from lightning_cheapconv.budget import (
+    TOLERANCE,
+    BudgetResult,
+    check_budget_reachable,
+    compress_to_budget,
+    plan_budget,
+)
 from lightning_cheapconv.checkpoint import restructure
 from lightning_cheapconv.complexity import count_complexity
 from lightning_cheapconv.deploy import Latency
@@ -119,6 +125,36 @@ def test_infeasible_budget_is_refused_with_the_model_unchanged(resnet20: nn.Modu
     snapshot = _snapshot(model)
     with pytest.raises(ValueError, match=r"macs=0\.05 cannot be met: the smallest reachable value is 0\.\d+"):
         compress_to_budget(model, _images(1, 32), macs=0.05, calibration=_images(2, 32))
+    _assert_unchanged(model, snapshot)
+
+
+@pytest.mark.parametrize(
+    "budgets",
+    [{"macs": 0.05}, {"params": 0.01}, {"macs": 0.6}, {"macs": 0.3, "params": 0.9}],
+    ids=["macs-unreachable", "params-unreachable", "macs-reachable", "both"],
+)
+def test_check_budget_reachable_agrees_with_plan_budget_without_scoring(
+    resnet20: nn.Module, budgets: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    example = _images(1, 32)
+    try:
+        plan_budget(resnet20, example, **budgets)
+        refusal = None
+    except ValueError as err:
+        refusal = str(err)
+    model = copy.deepcopy(resnet20)
+    snapshot = _snapshot(model)
+
+    def scored(*args: object) -> None:
+        raise AssertionError("a sensitivity was computed")
+
+    monkeypatch.setattr(budget_module._Sensitivities, "__call__", scored)
+    if refusal is None:
+        check_budget_reachable(model, example, **budgets)
+    else:
+        with pytest.raises(ValueError, match="cannot be met") as raised:
+            check_budget_reachable(model, example, **budgets)
+        assert str(raised.value) == refusal
     _assert_unchanged(model, snapshot)
 
 

@@ -70,7 +70,24 @@ def test_budget_met_counted_independently(project: Any, make: Any, kind: type, k
         }
 
 
-def test_infeasible_budget_refused_after_the_first_batch_model_unchanged(project: Any) -> None:
+def count_scored_layers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The layers scored by every planning pass so far (a layer once per calibration pass that scores it)."""
+    scored: list[str] = []
+    score = budget_module._Sensitivities.__call__
+
+    def counting(self: Any, module: nn.Module, args: tuple, output: torch.Tensor, name: str) -> None:
+        if name not in self.structured:
+            scored.append(name)
+        score(self, module, args, output, name)
+
+    monkeypatch.setattr(budget_module._Sensitivities, "__call__", counting)
+    return scored
+
+
+def test_infeasible_budget_refused_after_the_first_batch_model_unchanged(
+    project: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scored = count_scored_layers(monkeypatch)
     project.lp.seed_everything(0)
     model = project.Model(scheduler="none")
     callback = GhostConvCallback(start_epoch=1, verbose=0, target_macs=0.05)
@@ -81,6 +98,20 @@ def test_infeasible_budget_refused_after_the_first_batch_model_unchanged(project
     ):
         trainer.fit(model, datamodule=project.DataModule())
     assert all(type(model.get_submodule(n)) is nn.Conv2d for n in USER_TARGETS)
+    assert scored == []  # the early refusal counts costs only: no sensitivity was computed
+
+
+def test_early_budget_check_counts_costs_only_and_the_stage_plans_once(
+    project: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scored = count_scored_layers(monkeypatch)
+    project.lp.seed_everything(0)
+    callback = GhostConvCallback(start_epoch=1, verbose=0, target_macs=0.6)
+    user_trainer(project.lp, max_epochs=2, callbacks=[callback]).fit(
+        project.Model(scheduler="none"), datamodule=project.DataModule()
+    )
+    assert callback._budget_checked and callback.budget_plan is not None
+    assert sorted(scored) == sorted(USER_TARGETS)  # one scoring pass: the first stage's plan
 
 
 def test_infeasible_budget_refused_at_setup_with_example_input(project: Any) -> None:

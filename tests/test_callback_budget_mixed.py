@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 from lightning_fabric.utilities.exceptions import MisconfigurationException
-from nets import USER_TARGETS, run_script, user_trainer
+from nets import MIXING_GRID, USER_TARGETS, run_script, user_trainer
 from torch import nn
 
 from lightning_cheapconv import (
@@ -23,6 +23,7 @@ from lightning_cheapconv import (
     StructuredConv2d,
     install_restructure_hook,
 )
+from lightning_cheapconv import budget as budget_module
 from lightning_cheapconv.callbacks.distill import Distiller
 from lightning_cheapconv.complexity import count_complexity
 from lightning_cheapconv.structure import StructureSpec, structural_residual
@@ -37,6 +38,12 @@ pytestmark = [
 ]
 
 SHAPE = (1, 3, 8, 8)
+
+
+@pytest.fixture(autouse=True)
+def mixing_grid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plans on :data:`nets.MIXING_GRID`, where this small model's plan mixes the methods."""
+    monkeypatch.setattr(budget_module, "CHANNEL_RATIOS", MIXING_GRID)
 
 
 def applied_as_planned(model: nn.Module, plan: dict[str, dict[str, Any]]) -> None:

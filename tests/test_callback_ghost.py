@@ -801,21 +801,23 @@ def test_compression_metrics_skipped_on_every_rank_when_one_rank_cannot_count(mo
     assert not any(k.startswith("compression/") for k in trainer.logged_metrics)
 
 
-@pytest.mark.parametrize("max_epochs", [2, 3])
-def test_conversion_at_the_end_of_the_last_epoch_warns(max_epochs: int) -> None:
-    """A stage in the last epoch whose epoch has fewer batches than calibration_batches converts after the last
-    training step: the layers get no fine-tuning, and the callback says so (naming the setting); a later epoch left
-    to train them means no warning."""
-    callback = GhostConvCallback(start_epoch=1, calibration_batches=10, verbose=0)
+@pytest.mark.parametrize(
+    ("max_epochs", "calibration", "warns"), [(2, 10, True), (2, 4, True), (2, 3, False), (3, 10, False)]
+)
+def test_conversion_at_the_end_of_the_last_epoch_warns(max_epochs: int, calibration: int, warns: bool) -> None:
+    """A stage in the last epoch whose epoch has no more batches than calibration_batches converts after the last
+    training step: the layers get no fine-tuning, and the callback says so (naming the setting); a batch after the
+    recorded ones, or a later epoch, left to train them means no warning."""
+    callback = GhostConvCallback(start_epoch=1, calibration_batches=calibration, verbose=0)
     trainer = make_trainer(max_epochs=max_epochs, callbacks=[callback])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(TinyNet(), loader())  # 4 batches per epoch
     ours = [str(w.message) for w in caught if "got no fine-tuning" in str(w.message)]
-    if max_epochs == 2:
+    if warns:  # calibration_batches >= the epoch's 4 batches: no batch after the recorded ones to convert at
         assert len(ours) == 1
-        assert "epoch 1 ran 4 training batch(es), fewer than the 10" in ours[0]
-        assert "calibration_batches=10" in ours[0] and all(n in ours[0] for n in TARGETS)
+        assert f"epoch 1 ran 4 training batch(es); a conversion records {calibration} forwards" in ours[0]
+        assert f"calibration_batches={calibration}" in ours[0] and all(n in ours[0] for n in TARGETS)
     else:
         assert ours == []
     assert all(isinstance(trainer.lightning_module.get_submodule(n), GhostConv2d) for n in TARGETS)

@@ -228,13 +228,13 @@ class CheapConvCallback(Callback):
         self._check_budget(pl_module, self._example.to(pl_module.device), when)
 
     def _check_budget(self, pl_module: LightningModule, example: ModelCall, when: str) -> None:
-        from ..budget import plan_budget
+        from ..budget import check_budget_reachable
 
         budgets = {k: v for k, v in self.budgets.items() if k != "latency_ms"}
         if not budgets or not self.todo:
             return
         try:
-            plan_budget(
+            check_budget_reachable(
                 pl_module,
                 example,
                 methods=self._budget_methods(),

@@ -257,17 +257,17 @@ class GhostConvCallback(CheapConvCallback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not (self._pending and self.unit == "epoch"):
             return
-        # The epoch had fewer batches than the forwards to record: convert now, with the batches it had.
+        # The epoch ended before the batch after the recorded forwards: convert now, with the batches it had.
         names, recorded, needed = list(self._pending), len(self._calls), self._calls_needed()
         epoch, last = trainer.current_epoch, self._last_reached(trainer)
         self._convert(trainer, pl_module, self._pending, f"end of epoch {epoch}", mid_fit=True)
         if trainer.should_stop or (last is not None and epoch >= last):
             rank_zero_warn(
-                f"{type(self).__name__}: epoch {epoch} ran {recorded} training batch(es), fewer than the "
-                f"{needed} recorded forwards a conversion waits for (calibration_batches="
-                f"{self.calibration_batches}), so {len(names)} layer(s) were converted at the end of the last training "
-                f"epoch and got no fine-tuning: {short_list(names)}. Lower calibration_batches, or start the stage an "
-                "epoch earlier."
+                f"{type(self).__name__}: epoch {epoch} ran {recorded} training batch(es); a conversion records "
+                f"{needed} forwards (calibration_batches={self.calibration_batches}) and converts at the batch after "
+                f"them, which the epoch did not have, so {len(names)} layer(s) were converted at the end of the last "
+                f"training epoch and got no fine-tuning: {short_list(names)}. Lower calibration_batches below the "
+                "epoch's batches, or start the stage an epoch earlier."
             )
 
     # -- conversion ---------------------------------------------------------------------------------

@@ -13,10 +13,10 @@ from rich.table import Table
 from torch import nn
 
 from ..complexity import format_count
+from ..report import print_full_width
 from ._utils import _shape_text
 from .folding import Fold
 
-_LOG_WIDTH = 150
 _DASH = "—"
 _ORT_NOTE = (
     "Every layer form and whole model was exported with torch.onnx.export(dynamo=True) and timed in an ONNX Runtime "
@@ -204,9 +204,7 @@ class InferenceReport:
             >>> report.print()
         """
         console = console or rich.get_console()
-        if not console.is_terminal and console.width < _LOG_WIDTH:
-            console = Console(file=console.file, width=_LOG_WIDTH)
-        console.print(self.table(per_layer=per_layer))
+        print_full_width(console, self.table(per_layer=per_layer))
         console.print(self.summary, highlight=False)
 
     def to_dict(self) -> dict[str, Any]:

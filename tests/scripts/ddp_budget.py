@@ -5,7 +5,7 @@ Usage: ``python ddp_budget.py OUT_DIR PACKAGE [MODE ...]`` with ``PACKAGE`` ``py
 (``GhostConvCallback(target_macs=0.6, start_epoch=1, distill=True, distill_logits=True)``: planned on rank 0 at the
 first stage, mid-fit), ``structured`` (``StructuredConvCallback(target_macs=0.6, distill=True)``: planned after the
 first training batch) and ``budget`` (``BudgetConvCallback(target_macs=0.6, start_epoch=1, distill=True)``: a mixed
-plan, Ghost layers fitted on rank 0's calibration batches).
+plan on ``nets.MIXING_GRID``, Ghost layers fitted on rank 0's calibration batches).
 
 Each rank writes ``OUT_DIR/{mode}_rank{r}.json``: the world size, the budget plan, a SHA-256 of all final parameters,
 the MAC fraction counted after fit, the last epoch's logged ``train/distill`` and ``compression/*`` values (synced
@@ -21,9 +21,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from nets import user_project, user_trainer
+from nets import MIXING_GRID, user_project, user_trainer
 
 from lightning_cheapconv import BudgetConvCallback, GhostConvCallback, StructuredConvCallback
+from lightning_cheapconv import budget as budget_module
 from lightning_cheapconv.complexity import count_complexity
 
 
@@ -36,6 +37,7 @@ def run(out_dir: Path, namespace: str, mode: str) -> None:
     if mode == "ghost":
         callback = GhostConvCallback(start_epoch=1, verbose=0, target_macs=0.6, distill=True, distill_logits=True)
     elif mode == "budget":
+        budget_module.CHANNEL_RATIOS = MIXING_GRID
         callback = BudgetConvCallback(target_macs=0.6, start_epoch=1, calibration_batches=2, verbose=0, distill=True)
     else:
         callback = StructuredConvCallback(verbose=0, target_macs=0.6, distill=True)
