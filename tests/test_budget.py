@@ -14,7 +14,11 @@ from lightning_cheapconv import convert as convert_module
 from lightning_cheapconv import get_model
 from lightning_cheapconv.budget import (
     TOLERANCE,
+    BudgetPlan,
     BudgetResult,
+    Candidate,
+    LayerBudget,
+    _allocate,
     check_budget_reachable,
     compress_to_budget,
     plan_budget,
@@ -239,8 +243,6 @@ def test_latency_budget_with_a_stubbed_timer(resnet20: nn.Module, monkeypatch) -
 def test_allocation_fills_back_what_the_descent_overshot() -> None:
     """The descent takes A's half step first (cheaper per unit saved), then must take B's full step; the fill then
     takes A's step back: 0.5 of the MACs with sensitivity 0.3, where the descent alone stops at 0.25 with 0.4."""
-    from lightning_cheapconv.budget import BudgetPlan, Candidate, LayerBudget, _allocate
-
     dense = Candidate("dense", macs=100, params=10)
     a = LayerBudget("a", "Conv2d", (dense, Candidate("ghost", ratio=2, macs=50, params=5, sensitivity=0.1)))
     b = LayerBudget("b", "Conv2d", (dense, Candidate("ghost", ratio=4, macs=0, params=3, sensitivity=0.3)))
@@ -248,6 +250,16 @@ def test_allocation_fills_back_what_the_descent_overshot() -> None:
     _allocate(plan, "test")
     assert plan.choices() == {"a": "dense", "b": "ghost s=4"}
     assert plan.fraction("macs") == 0.5 and plan.sensitivity == pytest.approx(0.3)
+
+
+def test_plan_text_keeps_long_layer_names_on_one_line() -> None:
+    """``str(plan)`` (what the callbacks log) is the table at its full width: a long name is neither folded nor cut."""
+    name = "encoder.stages." + ".".join(f"block{i}" for i in range(30)) + ".conv"  # 190 characters
+    dense = Candidate("dense", macs=100, params=10)
+    layer = LayerBudget(name, "Conv2d", (dense, Candidate("ghost", ratio=2, macs=50, params=5, sensitivity=0.1)), 1)
+    text = str(BudgetPlan([layer], {"macs": 0.5}, {"macs": 100, "params": 10}, {"macs": 0, "params": 0}))
+    (row,) = [line for line in text.splitlines() if name in line]
+    assert "ghost s=2" in row and "100 → 50" in row
 
 
 def _nd_net(dims: int, transposed: bool = False) -> nn.Module:

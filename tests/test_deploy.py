@@ -243,6 +243,11 @@ def test_report_table_and_dict():
     report.print(console=console)
     text = console.export_text()
     assert "Inference forms on cpu" in text and "model: as given" in text and report.summary[:40] in text
+    piped = Console(file=io.StringIO(), width=80)  # a log file or pipe: the table at its full width, not wrapped
+    report.print(console=piped)
+    full = console.measure(report.table(), options=console.options.update(width=10_000)).maximum
+    rows = [line for line in piped.file.getvalue().splitlines() if line.startswith("│")]
+    assert len(rows) >= len(report.layers) and max(len(line) for line in rows) == full > 80
 
 
 def test_time_interleaved_runs_every_candidate():
