@@ -11,8 +11,8 @@ side (the full ``(C, k)`` excluded). Each candidate has
 
 - a **cost**: MACs and parameters counted with the formulas of :func:`~lightning_cheapconv.complexity.count_complexity`
   (MACs per output position times the positions the dense layer computes for one example: the first item of the
-  example's batch), so the converted model meets the budget when counted independently; with ``latency_ms``, its latency on the example's
-  device and batch, timed alone on a random input of the shape the layer sees
+  example's batch), so the converted model meets the budget when counted independently; with ``latency_ms``, its
+  latency on the example's device and batch, timed alone on a random input of the shape the layer sees
   (:func:`~lightning_cheapconv.deploy.time_interleaved`);
 - a **sensitivity**: the squared relative output error ``‖y' - y‖² / ‖y‖²`` of the layer on the calibration batch,
   after weight inheritance (Ghost, fitted on the layer's real activations) or projection (structured): the per-layer

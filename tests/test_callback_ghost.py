@@ -441,12 +441,27 @@ def test_resume_between_stages_equals_uninterrupted(tmp_path: Path, schedule: di
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0, msg=key)
     assert callback_b.fit_errors == pytest.approx(callback_a.fit_errors)
-    # An older stage's checkpoint loads into the converted model (it is rebuilt to that stage's structure).
+    # An older stage's checkpoint loads into the converted model (it is rebuilt to that stage's structure); the
+    # layers it turns back to dense are named in a warning.
     trainer = make_trainer(callbacks=[GhostConvCallback(verbose=0, **schedule)])
-    trainer.validate(model_b, loader(n=16), ckpt_path=str(ckpt), verbose=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.validate(model_b, loader(n=16), ckpt_path=str(ckpt), verbose=False)
     assert ghosts(model_b) == expected_ghosts
     for key, value in tensors(saved).items():
         assert torch.equal(model_b.state_dict()[key], value), key
+    back = sorted(set(TARGETS) - expected_ghosts)
+    changed = [str(w.message) for w in caught if "changed the structure" in str(w.message)]
+    assert len(changed) == (1 if back else 0) and all(f"{n} (GhostConv2d -> Conv2d)" in changed[0] for n in back)
+    # A fresh (dense) model takes the last checkpoint's structure: what loading a checkpoint is for, no warning (the
+    # callback of the fit, which knows its targets).
+    fresh = TinyNet()
+    trainer = make_trainer(callbacks=[callback_b])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.validate(fresh, loader(n=16), ckpt_path=str(tmp_path / "a" / "epoch=3.ckpt"), verbose=False)
+    assert ghosts(fresh) == set(TARGETS)
+    assert not [w for w in caught if "changed the structure" in str(w.message)]
 
 
 # ---------------------------------------------------------------------------------------------- calibration

@@ -394,9 +394,11 @@ class CheapConvCallback(Callback):
     # -- validate/test/predict with a checkpoint ---------------------------------------------------
     def _remember_forms(self, pl_module: LightningModule) -> None:
         """Before validate/test/predict: install the restructure hook (a checkpoint of any stage then loads into a
-        fresh model), and note the form of each layer this callback converted, to tell if loading changes it."""
+        fresh model), and note the form of each layer in this callback's cheap forms, to tell if loading takes it out
+        of that form (a dense layer taking the checkpoint's cheap form is what loading a checkpoint into a fresh model
+        does; a callback that has not run a fit knows no targets, so every such module counts)."""
         install_restructure_hook(pl_module)
-        self._forms = {n: type(pl_module.get_submodule(n)) for n in self.targets}
+        self._forms = {n: type(m) for n, m in pl_module.named_modules() if isinstance(m, self.cheap_types)}
 
     def _restore_forms(self, pl_module: LightningModule, changed: list[str]) -> list[str]:
         """Put ``changed`` layers back in their form where that is exact; return those that stay changed."""
