@@ -1,6 +1,6 @@
 """Accuracy under a budget on the digits data: per-layer budget plans against uniform ratios and channel pruning.
 
-Run ``python -m benchmarks.budgets`` (5 seeds in 2 worker processes, about 20 minutes on 2 CPU cores; ``--quick``:
+Run ``python -m benchmarks.budgets`` (8 seeds in 2 worker processes, about 35 minutes on 2 CPU cores; ``--quick``:
 one seed, 4 epochs, fewer rows, a smoke run; ``--from-json``: re-render ``results/budgets.json``).
 
 Protocol (the one of :mod:`benchmarks.accuracy`): per seed, a dense CIFAR ResNet-20 trains E epochs (SGD, cosine,
@@ -22,7 +22,8 @@ batch 64) on the digits upsampled to 16x16 and is checkpointed after E/2. Every 
   only)``: ``distill=True`` alone. The teacher is the half-trained network of the conversion epoch, not the dense
   row's final one: the callbacks' definition (the network before its first conversion);
 - ``channel pruning @ f``: the E/2 checkpoint pruned by Torch-Pruning (L2 magnitude, :func:`benchmarks.runtimes.
-  channel_pruned`: one uniform ratio bisected to f of the dense MACs; the convs feeding the zero-padding shortcuts and
+  channel_pruned`: the uniform ratio whose MACs come closest to f of the dense MACs, above or below, as its channel
+  steps allow; the target lines give both rows' MAC ratios; the convs feeding the zero-padding shortcuts and
   the classifier keep their channels), then fine-tuned to E in the same trainer with the same learning-rate schedule
   and data order; its SGD momentum restarts at the pruning (the pruned shapes have no saved momentum).
 
@@ -41,6 +42,7 @@ import argparse
 import itertools
 import json
 import logging
+import math
 import re
 import statistics
 import sys
@@ -301,6 +303,13 @@ def _acc(runs: list[dict]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _paired_error(ours: list[dict], theirs: list[dict]) -> float:
+    """The standard error of the mean per-seed accuracy difference (same seeds, same dense run), in points; 0 for
+    one seed."""
+    differences = [100 * (a["final"] - b["final"]) for a, b in zip(ours, theirs, strict=True)]
+    return statistics.stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else 0.0
+
+
 def _trained(runs: list[dict] | None) -> bool:
     return bool(runs) and all("final" in r for r in runs)
 
@@ -472,8 +481,9 @@ def _targets(summary: dict, quick: bool, variants: dict[str, str]) -> tuple[list
         ours, theirs = _acc(plan)[0], _acc(pruned)[0]
         verdict(
             ours >= theirs,
-            f"{_label(row, plan)}: {ours:.2f}% vs channel pruning at the same budget {theirs:.2f}% "
-            f"({ours - theirs:+.2f} points; target: at or above)",
+            f"{_label(row, plan)}: {ours:.2f}% ({_mean(plan, 'macs_ratio'):.2f}x fewer MACs) vs channel pruning at "
+            f"the same budget {theirs:.2f}% ({_mean(pruned, 'macs_ratio'):.2f}x) ({ours - theirs:+.2f} points, "
+            f"standard error of the per-seed differences {_paired_error(plan, pruned):.2f}; target: at or above)",
         )
     for row in (r for r in everything if r.budget and not r.distill):
         runs = summary.get(row.key)
@@ -604,7 +614,7 @@ def render(saved: dict, measured: str, argv: list[str]) -> Section:
 
 def main(argv: list[str] | None = None) -> Section:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=None, help="default 5 (--quick: 1)")
+    parser.add_argument("--seeds", type=int, default=None, help="default 8 (--quick: 1)")
     parser.add_argument("--epochs", type=int, default=None, help="epoch budget of every row (default 6; --quick: 4)")
     parser.add_argument("--image-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2, help="seeds trained in parallel (1 torch thread each)")
@@ -613,7 +623,7 @@ def main(argv: list[str] | None = None) -> Section:
     parser.add_argument("--quick", action="store_true", help="1 seed, 4 epochs, fewer rows: a smoke run")
     parser.add_argument("--from-json", action="store_true", help=f"only re-render results/{NAME}.json")
     args = parser.parse_args(argv)
-    args.seeds = args.seeds or (1 if args.quick else 5)
+    args.seeds = args.seeds or (1 if args.quick else 8)
     args.epochs = args.epochs or (4 if args.quick else 6)
     repeats = args.repeats or (3 if args.quick else 7)
     rerun = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--from-json"]
