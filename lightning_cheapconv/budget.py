@@ -235,9 +235,11 @@ class BudgetPlan:
 
     def _caption(self) -> str:
         kinds = {m: sum(layer.choice.method == m for layer in self.layers) for m in ("dense", "ghost", "structured")}
+        skipped = ", ".join(p.name for p in self.skipped[:3]) + (", …" if len(self.skipped) > 3 else "")
+        skipped = f"{len(self.skipped)} not planned" + (f": {skipped}" if skipped else "")
         return (
             f"{kinds['ghost']} Ghost, {kinds['structured']} structured, {kinds['dense']} dense of {len(self.layers)} "
-            f"planned layers ({len(self.skipped)} not planned). MACs = FLOPs / 2 per example, as count_complexity, "
+            f"planned layers ({skipped}). MACs = FLOPs / 2 per example, as count_complexity, "
             "the report and compression/macs count them; "
             f"fractions of the original (0.5 = half); rel. error = ‖y' - y‖ / ‖y‖ of the layer on the calibration "
             f"batch; total sensitivity (sum of squared errors) {self.sensitivity:.4g}."

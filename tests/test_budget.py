@@ -114,6 +114,7 @@ def test_mixed_plan_restructures_into_a_fresh_model() -> None:
         result.budget.choices()[f"layer1.{b}.conv{c}"].startswith("structured") for b in range(3) for c in (1, 2)
     )
     assert "Budget plan" in str(result) and "total macs" in str(result)
+    assert "(1 not planned: conv1)" in " ".join(str(result).split())  # the stem (skip_first), named
 
     fresh = get_model("resnet20", 10).eval()
     rebuilt = restructure(fresh, model.state_dict())

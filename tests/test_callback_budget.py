@@ -90,13 +90,18 @@ def test_infeasible_budget_refused_after_the_first_batch_model_unchanged(
     scored = count_scored_layers(monkeypatch)
     project.lp.seed_everything(0)
     model = project.Model(scheduler="none")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     callback = GhostConvCallback(start_epoch=1, verbose=0, target_macs=0.05)
     trainer = user_trainer(project.lp, max_epochs=3, callbacks=[callback])
     with pytest.raises(
         MisconfigurationException,
-        match=r"epoch 0 \(first training batch\): .*macs=0.05 cannot be met: the smallest reachable",
+        match=r"epoch 0 \(first training batch\): .*macs=0.05 cannot be met: the smallest reachable .*the model is "
+        r"unchanged \(restored to what fit received",
     ):
         trainer.fit(model, datamodule=project.DataModule())
+    assert trainer.global_step == 1  # the first batch trained (its input was needed), and was undone:
+    now = model.state_dict()
+    assert now.keys() == state.keys() and all(torch.equal(now[k], v) for k, v in state.items())
     assert all(type(model.get_submodule(n)) is nn.Conv2d for n in USER_TARGETS)
     assert scored == []  # the early refusal counts costs only: no sensitivity was computed
 
@@ -266,17 +271,24 @@ def test_latency_budget_met_by_the_plans_predicted_total(
 def test_unreachable_latency_budget_refused_naming_the_smallest_reachable_model_unchanged(
     project: Any, stub_timing: dict[str, list], make: Any, smallest: str
 ) -> None:
+    """Refused at the first stage (Ghost, mixed: epoch 1) the model keeps its training and no layer is converted;
+    refused after the first batch (structured plans there) it is restored to what fit received."""
     project.lp.seed_everything(0)
     model = project.Model(scheduler="none")
-    trainer = user_trainer(project.lp, max_epochs=2, callbacks=[make()])
+    received = {k: v.clone() for k, v in model.state_dict().items()}
+    callback = make()
+    first_batch = isinstance(callback, StructuredConvCallback)
+    trainer = user_trainer(project.lp, max_epochs=2, callbacks=[callback])
+    outcome = r"the model is unchanged \(restored" if first_batch else r"no layer was converted \(the training so far"
     with pytest.raises(
         MisconfigurationException,
-        match=rf"latency_ms=3 cannot be met: the smallest reachable value is {smallest} .*the model is unchanged",
+        match=rf"latency_ms=3 cannot be met: the smallest reachable value is {smallest} .*{outcome}",
     ):
         trainer.fit(model, datamodule=project.DataModule())
     assert stub_timing["plans"] == []  # refused, not planned
-    [(state, modules)] = stub_timing["before"]
+    [(at_planning, modules)] = stub_timing["before"]
     assert [(n, type(m)) for n, m in model.named_modules()] == modules
     now = model.state_dict()
+    state = received if first_batch else at_planning
     assert now.keys() == state.keys() and all(torch.equal(now[k], v) for k, v in state.items())
     assert all(type(model.get_submodule(n)) is nn.Conv2d for n in USER_TARGETS)

@@ -187,10 +187,14 @@ def test_report_and_plan_printed(
     assert "budget plan (target_macs=0.6)" in caplog.text and "structured c=" in caplog.text  # the plan is logged
     assert "3 layer(s) selected, 1 skipped (backbone.stem.0: first " in caplog.text  # verbose=1 names what it skips
     # The plan at 0.6 mixes the methods: the structured layers project first, then the Ghost ones convert; both lines
-    # count over the layers the plan converts.
-    projected = re.search(r"projecting (\d) layer\(s\) \(\1 of (\d) target layers now structured", caplog.text)
+    # count over the layers the plan converts, by method.
+    projected = re.search(
+        r"projecting (\d) layer\(s\) \(\1 of (\d) target layers now converted \(\1 structured, 0 Ghost\)", caplog.text
+    )
     assert projected is not None and int(projected[1]) < int(projected[2])
-    assert f"layer(s) ({projected[2]} of {projected[2]} target layers now converted" in caplog.text
+    total, structured = int(projected[2]), int(projected[1])
+    converted = f"({total} of {total} target layers now converted ({structured} structured, {total - structured} Ghost)"
+    assert converted in caplog.text
     assert "BudgetConvCallback: original vs converted" in capsys.readouterr().out  # the report printed
 
 

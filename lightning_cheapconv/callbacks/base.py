@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -55,6 +56,11 @@ def _loss_factor(trainer: Trainer) -> float:
     module = trainer.lightning_module
     automatic = module is None or module.automatic_optimization
     return scale / (trainer.accumulate_grad_batches if automatic else 1)
+
+
+def _copy(value: Any) -> Any:
+    """A detached copy of one state-dict entry (tensors cloned; structure records and other extra state deep-copied)."""
+    return value.detach().clone() if isinstance(value, Tensor) else copy.deepcopy(value)
 
 
 def short_list(names: Sequence[str], most: int = 6) -> str:
@@ -112,6 +118,8 @@ class CheapConvCallback(Callback):
         self.budget_plan: dict[str, dict[str, Any]] | None = None  # layer -> chosen candidate, in the state
         self._window: tuple[int, int, int] | None = None
         self._budget_checked = False  # an unreachable MACs/params budget was looked for in this fit
+        self._state_before: dict[str, Any] | None = None  # the module as fit received it, while a refusal may come
+        self._batches_seen = 0  # training batches of this fit
 
     def _init_budget(self, target_macs: Any, target_params: Any, target_latency_ms: Any) -> None:
         """Check the budget arguments: ``target_macs``/``target_params`` fractions in ``(0, 1]``, ``target_latency_ms``
@@ -202,10 +210,10 @@ class CheapConvCallback(Callback):
                     choices = _choices(plan, self.todo)
                     table = str(plan)
                 except ValueError as err:
-                    message = f"{who}: {when}: {err}; the model is unchanged"
+                    message = f"{who}: {when}: {err}"
         choices, message = trainer.strategy.broadcast((choices, message), src=0)
         if message is not None:
-            raise MisconfigurationException(message)
+            raise self._refusal(pl_module, message)
         assert choices is not None
         self._apply_choices(pl_module, choices)
         if self.verbose and table is not None:
@@ -244,8 +252,24 @@ class CheapConvCallback(Callback):
                 **budgets,
             )
         except ValueError as err:
-            raise MisconfigurationException(f"{type(self).__name__}: {when}: {err}; the model is unchanged") from err
+            raise self._refusal(pl_module, f"{type(self).__name__}: {when}: {err}") from err
         self._budget_checked = True
+
+    def _refusal(self, pl_module: LightningModule, message: str) -> MisconfigurationException:
+        """The error refusing a budget, saying what became of the model: nothing changed (at setup); restored to what
+        fit received (refused after this fit's first batch, whose recorded input the check needed: that batch's
+        training step and BatchNorm statistics are undone); or, later in the fit, trained as usual with no layer
+        converted."""
+        if self._state_before is not None:
+            pl_module.load_state_dict(self._state_before)
+            self._state_before = None
+            return MisconfigurationException(
+                f"{message}; the model is unchanged (restored to what fit received: the first training batch, whose "
+                "input the plan needed, was undone)"
+            )
+        if self._batches_seen == 0:
+            return MisconfigurationException(f"{message}; the model is unchanged")
+        return MisconfigurationException(f"{message}; no layer was converted (the training so far is kept)")
 
     def _apply_choices(self, pl_module: LightningModule, choices: dict[str, dict[str, Any]]) -> None:
         """Layers the plan keeps dense leave :attr:`todo`; the others take their hyper-parameters; the schedule and
@@ -322,7 +346,7 @@ class CheapConvCallback(Callback):
         refuse_incompatible_callbacks(trainer, who, self._integer_buffers())
         self._trainer = trainer
         self._example, self._calls, self._warned_no_input = None, [], False  # nothing from an earlier fit
-        self._budget_checked = False
+        self._budget_checked, self._state_before, self._batches_seen = False, None, 0
         self.plan = self._select(pl_module)
         self.done = [
             p.name
@@ -482,6 +506,10 @@ class CheapConvCallback(Callback):
             self._calls.append(call)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int):
+        # A budget not yet planned may be refused at the end of this fit's first batch, on its recorded input: keep the
+        # module's state until then, so that the refusal leaves the model as fit received it.
+        first = self._batches_seen == 0 and self.budgets and self.budget_plan is None
+        self._state_before = {k: _copy(v) for k, v in pl_module.state_dict().items()} if first else None
         wanted = self._example is None or len(self._calls) < self._calibration_wanted()
         if not self._recorder and wanted:
             self._open_calls = []
@@ -495,6 +523,7 @@ class CheapConvCallback(Callback):
     ) -> None:
         self._stop_recording()
         self._stop_distilling(pl_module)
+        self._batches_seen += 1
         if self._example is None:
             self._example = self._example_input_array(pl_module)
         if self._example is None and not self._warned_no_input:

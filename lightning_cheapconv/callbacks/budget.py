@@ -10,7 +10,7 @@ from torch import nn
 
 from .._lightning import LightningModule, MisconfigurationException, Trainer
 from ..budget import METHODS, _selection, check_methods
-from ..convert import CHEAP_TYPES, LayerPlan, structured_like
+from ..convert import CHEAP_TYPES, GHOST_TYPES, LayerPlan, structured_like
 from .base import Patterns
 from .ghost import GhostConvCallback
 from .projection import ProjectedLayers
@@ -175,6 +175,17 @@ class BudgetConvCallback(ProjectedLayers, GhostConvCallback):
 
     def _due(self, trainer: Trainer, pl_module: LightningModule) -> list[str]:
         return [n for n in super()._due(trainer, pl_module) if n not in self.projected]
+
+    def _progress(self, pl_module: LightningModule) -> str:
+        """The stage log lines' count over both methods: a plan projects its structured layers and converts its Ghost
+        ones in the same stage, so each line says how many of each are done."""
+        cheap = self._cheap_now(pl_module)
+        ghost = sum(isinstance(pl_module.get_submodule(n), GHOST_TYPES) for n in cheap)
+        structured = len(cheap) - ghost + len(self.projected)
+        return (
+            f"{ghost + structured} of {len(self.targets)} target layers now converted ({structured} structured, "
+            f"{ghost} Ghost)"
+        )
 
     def _convert_in_place(self, pl_module: LightningModule, names: list[str], when: str) -> list[str]:
         """Project the structured layers of ``names`` (they train projected, dense, until fit end); return the

@@ -320,9 +320,12 @@ class GhostConvCallback(CheapConvCallback):
             )
             rank_zero_info(
                 f"{type(self).__name__}: {when}: converted {len(names)} layer(s) "
-                f"({len(self.fit_errors)} of {len(self.targets)} target layers now {self.form_name}{detail})"
-                + (per_layer if self.verbose > 1 else "")
+                f"({self._progress(pl_module)}{detail})" + (per_layer if self.verbose > 1 else "")
             )
+
+    def _progress(self, pl_module: LightningModule) -> str:
+        """The stage log lines' count: how many target layers are converted now."""
+        return f"{len(self.fit_errors)} of {len(self.targets)} target layers now {self.form_name}"
 
     def _convert_in_place(self, pl_module: LightningModule, names: list[str], when: str) -> list[str]:
         """Convert those of ``names`` that change in place (none here) and return the others, to be replaced."""

@@ -100,10 +100,14 @@ class ProjectedLayers(CheapConvCallback):
             worst = max(moved.values(), default=0.0)
             rank_zero_info(
                 f"{type(self).__name__}: {when}: projecting {len(names)} layer(s) "
-                f"({len(self.projected)} of {len(self.targets)} target layers now structured; largest relative move "
+                f"({self._progress(pl_module)}; largest relative move "
                 f"{worst:.3g})" + "".join(f"\n  {n}: moved {moved[n]:.3g}" for n in moved if self.verbose > 1)
             )
         return moved
+
+    def _progress(self, pl_module: LightningModule) -> str:
+        """The stage log lines' count: how many target layers are structured (projected) now."""
+        return f"{len(self.projected)} of {len(self.targets)} target layers now structured"
 
     def _check_still_structured(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Project the projected layers once more before decomposing. Their weights are structured unless
