@@ -247,8 +247,12 @@ def _summary(report: InferenceReport, n_folded_bn: int, n_perm: int, ghosts_name
         parts.append("Folding every structured layer to dense beat the per-layer choice as a whole; returned that.")
     elif chosen == "original":
         parts.append("The original dense model (BatchNorm folded) was faster than the converted one; returned it.")
-    elif "original" in report.configurations:
-        parts.append("The converted model beat the original dense model (BatchNorm folded) as a whole.")
+    if chosen != "original" and "original" in report.configurations:
+        original = report.configurations["original"]
+        parts.append(
+            f"The converted model beat the original dense model (BatchNorm folded, {original:.3f} ms) as a whole: "
+            f"{original / report.latency_after_ms:.2f}× faster."
+        )
     if report.cheap_form_won is None:
         parts.append(
             "Ghost layers have no exact dense form; pass original= (the dense model they replaced) to compare."

@@ -134,8 +134,9 @@ class InferenceReport:
             f"{_shape_text(self.input_shape)}; layers of equal configuration and input share one measurement. "
             f"{'Whole models timed under torch.compile (inductor, freezing), layers eager. ' if self.compiled else ''}"
             f"{_ORT_NOTE if self.runtime == 'onnxruntime' else ''}"
-            f"MACs = FLOPs / 2 from FlopCounterMode (bias, BatchNorm and the structured sum-pool's additions not "
-            f"counted); MACs ratio = dense / kept (2.00× = half). Whole model: "
+            f"MACs = FLOPs / 2 from FlopCounterMode for the whole input batch (bias, BatchNorm and the structured "
+            f"sum-pool's additions not counted); MACs ratio = dense / kept (2.00× = half; — for Ghost modules, which "
+            f"have no dense form). Whole model: "
             f"{self.latency_before_ms:.3f} ms as given → {self.latency_after_ms:.3f} ms "
             f"({self.chosen_configuration}), {self.speedup:.2f}× faster; outputs differ by "
             f"{self.max_rel_diff:.1e} (relative)."
@@ -151,7 +152,7 @@ class InferenceReport:
         for form in forms:
             table.add_column(f"{form} ms", justify="right")
         table.add_column("kept")
-        table.add_column("MACs", justify="right")
+        table.add_column(f"MACs, batch {self.input_shape[0]}" if self.input_shape else "MACs", justify="right")
         table.add_column("MACs ratio", justify="right")
         table.add_column("note", overflow="fold")
         if per_layer:
