@@ -59,8 +59,9 @@ def _loss_factor(trainer: Trainer) -> float:
 
 
 def _copy(value: Any) -> Any:
-    """A detached copy of one state-dict entry (tensors cloned; structure records and other extra state deep-copied)."""
-    return value.detach().clone() if isinstance(value, Tensor) else copy.deepcopy(value)
+    """A detached copy of one state-dict entry: tensors copied to host memory (no second copy of the model on an
+    accelerator during the first batch), structure records and other extra state deep-copied."""
+    return value.detach().to("cpu", copy=True) if isinstance(value, Tensor) else copy.deepcopy(value)
 
 
 def short_list(names: Sequence[str], most: int = 6) -> str:
