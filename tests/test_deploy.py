@@ -33,6 +33,7 @@ from lightning_cheapconv import (
     restructure,
 )
 from lightning_cheapconv.cli import main, parse_input_shape
+from lightning_cheapconv.complexity import format_count
 from lightning_cheapconv.deploy import (
     FoldedBatchNorm,
     FusedConv2d,
@@ -204,6 +205,11 @@ def test_falls_back_when_the_per_layer_choice_is_slower_as_a_whole(monkeypatch, 
     else:
         assert "beat the per-layer choice" in report.summary
         assert not any(isinstance(m, StructuredConv2d) for m in report.model.modules())
+        assert report.macs_after > report.macs_before  # the summary says what the fallback costs in MACs
+        ratio = report.macs_after / report.macs_before
+        assert (
+            f"MACs for this input against {format_count(report.macs_before)} as given ({ratio:.2f}×)" in report.summary
+        )
     assert relative_difference(run(report.model, x), run(model, x)) < 1e-4
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..complexity import count_complexity
+from ..complexity import count_complexity, format_count
 from ..convert import CHEAP_TYPES, GHOST_TYPES, STRUCTURED_TYPES, replace_modules
 from ..nn import GhostConv2d, StructuredConv2d
 from ..nn.record import StructureRecordMixin
@@ -238,6 +238,12 @@ def _summary(report: InferenceReport, n_folded_bn: int, n_perm: int, ghosts_name
         parts.append(
             f"Decomposed was faster than the dense fold in {len(decomposed_faster)} of {len(structured)} structured "
             f"layer(s)."
+        )
+    if report.macs_after > report.macs_before:
+        parts.append(
+            f"The returned model computes {format_count(report.macs_after)} MACs for this input against "
+            f"{format_count(report.macs_before)} as given ({report.macs_after / report.macs_before:.2f}×): the "
+            "layers kept dense were faster that way."
         )
     if n_folded_bn or n_perm:
         parts.append(f"Folded {n_folded_bn} BatchNorm(s) and {n_perm} Ghost output permutation(s).")
