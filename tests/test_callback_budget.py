@@ -23,6 +23,7 @@ from lightning_cheapconv import (
     StructuredConvCallback,
 )
 from lightning_cheapconv import budget as budget_module
+from lightning_cheapconv.callbacks import base as base_module
 from lightning_cheapconv.complexity import count_complexity
 from lightning_cheapconv.deploy import Latency
 
@@ -104,6 +105,35 @@ def test_infeasible_budget_refused_after_the_first_batch_model_unchanged(
     assert now.keys() == state.keys() and all(torch.equal(now[k], v) for k, v in state.items())
     assert all(type(model.get_submodule(n)) is nn.Conv2d for n in USER_TARGETS)
     assert scored == []  # the early refusal counts costs only: no sensitivity was computed
+
+
+@pytest.mark.parametrize(
+    ("make", "example", "kept"),
+    [
+        (lambda: GhostConvCallback(start_epoch=1, verbose=0, target_macs=0.6), False, True),
+        (lambda: GhostConvCallback(start_epoch=1, verbose=0, target_macs=0.6), True, False),  # checked at setup
+        (lambda: GhostConvCallback(start_epoch=1, verbose=0, target_latency_ms=1e3), False, False),  # first stage
+        (lambda: StructuredConvCallback(verbose=0, target_macs=0.6), True, False),
+        (lambda: StructuredConvCallback(verbose=0, target_latency_ms=1e3), True, True),  # planned after batch 1
+    ],
+    ids=["ghost-macs", "ghost-macs-example", "ghost-latency", "structured-macs-example", "structured-latency"],
+)
+def test_state_kept_over_the_first_batch_only_where_it_may_refuse(
+    project: Any, monkeypatch: pytest.MonkeyPatch, make: Any, example: bool, kept: bool
+) -> None:
+    """The copy of the module's state that a first-batch refusal restores is taken only where such a refusal can
+    come (not once per fit for nothing: a model's worth of host memory and copying)."""
+    copied: list[str] = []
+    monkeypatch.setattr(base_module, "_copy", lambda value: copied.append("x") or value)
+    monkeypatch.setattr(budget_module, "time_interleaved", lambda candidates, *a, **k: {
+        label: Latency((1.0,)) for label in candidates
+    })  # fmt: skip
+    project.lp.seed_everything(0)
+    model = project.Model(scheduler="none")
+    if example:
+        model.example_input_array = torch.zeros(SHAPE)
+    user_trainer(project.lp, max_epochs=2, callbacks=[make()]).fit(model, datamodule=project.DataModule())
+    assert bool(copied) == kept
 
 
 def test_early_budget_check_counts_costs_only_and_the_stage_plans_once(

@@ -236,6 +236,11 @@ class CheapConvCallback(Callback):
         self._budget_checked = True
         self._check_budget(pl_module, self._example.to(pl_module.device), when)
 
+    def _may_refuse_after_first_batch(self) -> bool:
+        """Whether the end of this fit's first batch may refuse the budget: the MACs/params check of
+        :meth:`_check_budget_early` is still to run (no ``example_input_array`` let setup run it)."""
+        return not self._budget_checked and any(key != "latency_ms" for key in self.budgets)
+
     def _check_budget(self, pl_module: LightningModule, example: ModelCall, when: str) -> None:
         from ..budget import check_budget_reachable
 
@@ -507,9 +512,9 @@ class CheapConvCallback(Callback):
             self._calls.append(call)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int):
-        # A budget not yet planned may be refused at the end of this fit's first batch, on its recorded input: keep the
-        # module's state until then, so that the refusal leaves the model as fit received it.
-        first = self._batches_seen == 0 and self.budgets and self.budget_plan is None
+        # A budget refused at the end of this fit's first batch, on its recorded input, leaves the model as fit
+        # received it: keep the module's state until then where such a refusal may come.
+        first = self._batches_seen == 0 and self.budget_plan is None and self._may_refuse_after_first_batch()
         self._state_before = {k: _copy(v) for k, v in pl_module.state_dict().items()} if first else None
         wanted = self._example is None or len(self._calls) < self._calibration_wanted()
         if not self._recorder and wanted:

@@ -348,6 +348,10 @@ class StructuredConvCallback(ProjectedLayers):
         if self.unit == "epoch":
             self._project_due(trainer, pl_module)
 
+    def _may_refuse_after_first_batch(self) -> bool:
+        # The plan itself is made at the end of the first batch: a latency budget may be refused there too.
+        return "latency_ms" in self.budgets or super()._may_refuse_after_first_batch()
+
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int):
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if self.unit == "step":
