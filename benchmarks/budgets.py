@@ -17,6 +17,8 @@ batch 64) on the digits upsampled to 16x16 and is checkpointed after E/2. Every 
   ``budget plan (Ghost only) @ f``: ``GhostConvCallback(target_macs=f)`` (the same, Ghost ratios only);
   ``budget plan (structured only) @ f``: ``BudgetConvCallback(target_macs=f, methods="structured")`` (the same,
   structured candidates only: projected at E/2, trained projected, decomposed at fit end);
+  ``budget plan (structured only, channels multiple of 16) @ f``: the same with ``channel_multiple=16`` (hidden
+  channel counts ONNX Runtime runs in its NCHWc layout on AVX-512; without distillation variants);
 - ``+ distill``: the same callback with ``distill=True, distill_logits=True`` (the network at E/2, frozen, teaches the
   converted one: every converted layer's output and the logits, ``distill_weight=1``, ``T=4``); ``+ distill (features
   only)``: ``distill=True`` alone. The teacher is the half-trained network of the conversion epoch, not the dense
@@ -67,6 +69,7 @@ from lightning_cheapconv import (
     count_complexity,
 )
 from lightning_cheapconv._lightning import MisconfigurationException
+from lightning_cheapconv.budget import NCHWC_CHANNEL_MULTIPLE
 
 from .accuracy import BATCH_SIZE, CALIBRATION_BATCHES, _accuracy, _last_stage, _trainer
 from .common import RESULTS, Section, command, machine, measured_on
@@ -85,13 +88,19 @@ CHANCE = 0.15  # a final accuracy at or below this (10 classes) counts as a coll
 TARGETS = {"2x": (GHOST, 0.5, 0.3), "4x": (HALF, 0.25, 1.0)}
 BUDGET_TOLERANCE = 0.02
 # The budget-plan families on the curve: row kind -> row name.
-PLANS = {"mixed": "budget plan (mixed)", "structured budget": "budget plan (structured only)"}
+PLANS = {
+    "mixed": "budget plan (mixed)",
+    "structured budget": "budget plan (structured only)",
+    "structured budget x16": f"budget plan (structured only, channels multiple of {NCHWC_CHANNEL_MULTIPLE})",
+}
 # Distillation variants: key suffix -> callback arguments.
 DISTILL = {
     "": {},
     " + distill": {"distill": True, "distill_logits": True},
     " + distill (features only)": {"distill": True},
 }
+# The distillation variants each plan family runs (the channel-multiple family is about runtime speed: plain only).
+VARIANTS = {"mixed": tuple(DISTILL), "structured budget": tuple(DISTILL), "structured budget x16": ("",)}
 
 
 @dataclass(frozen=True)
@@ -121,7 +130,7 @@ class Row:
 
     @property
     def budget(self) -> bool:
-        return self.kind in ("mixed", "ghost budget", "structured budget")
+        return self.kind in ("ghost budget", *PLANS)
 
 
 def rows(quick: bool) -> list[Row]:
@@ -131,14 +140,14 @@ def rows(quick: bool) -> list[Row]:
     table += [Row(GHOST + d, "ghost", d, ratio=2) for d in variants]
     table += [Row(HALF + d, "structured", d, channel_ratio=0.5) for d in variants]
     for at in (GHOST, HALF):
-        table += [Row(f"{name} @ {at}{d}", kind, d, at=at) for kind, name in PLANS.items() for d in variants]
+        table += [Row(f"{name} @ {at}{d}", kind, d, at=at) for kind, name in PLANS.items() for d in VARIANTS[kind]]
         if not quick:
             table += [Row(f"budget plan (Ghost only) @ {at}{d}", "ghost budget", d, at=at) for d in variants]
         table.append(Row(f"channel pruning @ {at}", "pruning", at=at))
     curve: list[Row] = []
     for fraction in QUICK_CURVE if quick else CURVE:
         curve += [Row(f"{name} @ {fraction}{d}", kind, d, fraction=fraction, table=False)
-                  for kind, name in PLANS.items() for d in variants]  # fmt: skip
+                  for kind, name in PLANS.items() for d in VARIANTS[kind]]  # fmt: skip
         curve.append(Row(f"channel pruning @ {fraction}", "pruning", fraction=fraction, table=False))
     if not quick:
         curve += [
@@ -170,6 +179,10 @@ def _callback(row: Row, fraction: float | None, half: int, epochs: int) -> Callb
         return BudgetConvCallback(target_macs=fraction, **schedule)
     if row.kind == "structured budget":
         return BudgetConvCallback(target_macs=fraction, methods="structured", **schedule)
+    if row.kind == "structured budget x16":
+        return BudgetConvCallback(
+            target_macs=fraction, methods="structured", channel_multiple=NCHWC_CHANNEL_MULTIPLE, **schedule
+        )
     return GhostConvCallback(target_macs=fraction, init="inherit", **schedule)
 
 
@@ -434,7 +447,7 @@ def _curve_table(summary: dict, quick: bool) -> list[str]:
         "| MAC fraction asked | " + " | ".join(f"{f}" for f in fractions) + " |",
         "|---|" + "---|" * len(fractions),
     ]
-    for name, suffix in [*((n, v) for n in PLANS.values() for v in DISTILL), ("channel pruning", "")]:
+    for name, suffix in [*((n, v) for k, n in PLANS.items() for v in VARIANTS[k]), ("channel pruning", "")]:
         cells = []
         for fraction in fractions:
             runs = summary.get(f"{name} @ {fraction}{suffix}")
@@ -537,6 +550,15 @@ def _findings(summary: dict, quick: bool, variants: dict[str, str], latency: dic
             lines += _paired(summary, pairs, f"`{suffix.strip(' +')}` against the same row without it", "table rows")
     pairs = [(r.key, r.key.replace("(mixed)", "(structured only)")) for r in everything if r.kind == "mixed"]
     lines += _paired(summary, pairs, "Structured-only plans against mixed plans at the same budget", "budgets")
+    multiple = PLANS["structured budget x16"]
+    pairs = [(r.key, r.key.replace(PLANS["structured budget"], multiple)) for r in everything
+             if r.kind == "structured budget" and not r.distill]  # fmt: skip
+    lines += _paired(
+        summary,
+        pairs,
+        f"Structured-only plans with channel_multiple={NCHWC_CHANNEL_MULTIPLE} against without",
+        "budgets",
+    )
     chance = [
         f"{_label(r, summary[r.key])} ({sum(x['final'] <= CHANCE for x in summary[r.key])} of {len(summary[r.key])})"
         for r in everything
@@ -560,6 +582,9 @@ def _findings(summary: dict, quick: bool, variants: dict[str, str], latency: dic
         lines.append("- Mixed plans (seed 0, planned layers by method): " + "; ".join(plans) + ".")
     for kind, name in PLANS.items():
         variant = variants[kind]
+        if len(VARIANTS[kind]) == 1:
+            lines.append(f"- The curve draws {name}: run without distillation only.")
+            continue
         lines.append(
             f"- The curve draws {name}{variant or ' without distillation'}: "
             + (
@@ -576,6 +601,14 @@ def _findings(summary: dict, quick: bool, variants: dict[str, str], latency: dic
             f"{latency['eager ms'][DENSE]:.2f} ms eager and {latency['onnxruntime ms'][DENSE]:.2f} ms in ONNX Runtime; "
             f"the fastest row in ONNX Runtime is {fastest} ({ort[fastest]:.2f}x)."
         )
+        for row in (r for r in everything if r.kind == "structured budget x16" and r.key in ort):
+            plain = row.key.replace(multiple, PLANS["structured budget"])
+            lines.append(
+                f"- In ONNX Runtime at {_mean(summary[row.key], 'macs_ratio'):.2f}x fewer MACs: "
+                f"{_label(row, summary[row.key])} {ort[row.key]:.2f}x the BN-folded dense network's speed, "
+                f"without channel_multiple {ort[plain]:.2f}x (eager {latency['eager'][row.key]:.2f}x and "
+                f"{latency['eager'][plain]:.2f}x)."
+            )
     return lines
 
 

@@ -7,7 +7,9 @@ take, stay as they are and are listed in :attr:`BudgetPlan.skipped` with :data:`
 conv the candidates are: keep it dense; a conv-only Ghost module (Han et al., CVPR 2020; ``GhostConv{1,2,3}d``) with
 ``s`` in :data:`GHOST_RATIOS` and ``d = 3`` per side; a structured convolution (Bhalgat et al., NeurIPS 2020;
 ``StructuredConv{1,2,3}d``) with hidden sizes ``c`` in ``C·`` :data:`CHANNEL_RATIOS` and ``n`` in ``{k - 1, k}`` per
-side (the full ``(C, k)`` excluded). Each candidate has
+side (the full ``(C, k)`` excluded). With ``channel_multiple`` the grid keeps only the channel counts a runtime
+runs fast: structured ``c`` and Ghost intrinsic maps ``ceil(C_out / s)`` multiples of it (``c = C`` always allowed).
+Each candidate has
 
 - a **cost**: MACs and parameters counted with the formulas of :func:`~lightning_cheapconv.complexity.count_complexity`
   (MACs per output position times the positions the dense layer computes for one example: the first item of the
@@ -68,6 +70,7 @@ from .validation import (
     check_finite_number,
     check_finite_tensor,
     check_instance,
+    check_int,
     check_patterns,
     short_repr,
 )
@@ -96,6 +99,11 @@ SENSITIVITY_POSITIONS = 1024
 """Output positions per layer (first images of the calibration batch) that sensitivities and Ghost fits use."""
 GHOST_SENSITIVITY_POSITIONS = 256
 """Positions (drawn with a fixed seed) of the Ghost least-squares fits that score each ratio."""
+NCHWC_CHANNEL_MULTIPLE = 16
+"""The ``channel_multiple`` that suits ONNX Runtime on x86 CPUs with AVX-512: its ``NchwcTransformer`` runs a conv in
+the blocked NCHWc layout only when its input channels are a multiple of the block size (``MlasNchwcGetBlockSize()``:
+16 with AVX-512, 8 with AVX2) and grouped convs only when their output channels are too. Measured: BENCHMARKS.md,
+table 3b."""
 METHODS = ("ghost", "structured")
 BUDGETS = ("macs", "params", "latency_ms")
 PLANNED_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -168,6 +176,7 @@ class BudgetPlan:
     ``budgets`` are the limits asked (``macs``/``params`` as fractions of the original, ``latency_ms`` in ms);
     ``before`` the original totals (MACs per example, parameters, latency in ms when measured);
     ``fixed`` the part of each total outside the planned layers. ``skipped`` lists the layers not planned, with why.
+    ``channel_multiple``: the multiple the candidates' new channel counts were restricted to (1: none).
 
     Example::
 
@@ -181,6 +190,7 @@ class BudgetPlan:
     before: dict[str, float]
     fixed: dict[str, float]
     skipped: list[LayerPlan] = field(default_factory=list)
+    channel_multiple: int = 1
 
     def total(self, key: str) -> float:
         """The predicted whole-model total of ``key`` (``macs``, ``params`` or ``latency_ms``)."""
@@ -237,12 +247,14 @@ class BudgetPlan:
         kinds = {m: sum(layer.choice.method == m for layer in self.layers) for m in ("dense", "ghost", "structured")}
         skipped = ", ".join(p.name for p in self.skipped[:3]) + (", …" if len(self.skipped) > 3 else "")
         skipped = f"{len(self.skipped)} not planned" + (f": {skipped}" if skipped else "")
+        multiple = self.channel_multiple
+        grid = f" New channel counts are multiples of {multiple} (channel_multiple)." if multiple != 1 else ""
         return (
             f"{kinds['ghost']} Ghost, {kinds['structured']} structured, {kinds['dense']} dense of {len(self.layers)} "
             f"planned layers ({skipped}). MACs = FLOPs / 2 per example, as count_complexity, "
             "the report and compression/macs count them; "
             f"fractions of the original (0.5 = half); rel. error = ‖y' - y‖ / ‖y‖ of the layer on the calibration "
-            f"batch; total sensitivity (sum of squared errors) {self.sensitivity:.4g}."
+            f"batch; total sensitivity (sum of squared errors) {self.sensitivity:.4g}.{grid}"
         )
 
     def __str__(self) -> str:
@@ -285,6 +297,7 @@ def _check_arguments(
     exclude: object,
     skip_first: object,
     skip_last: object,
+    channel_multiple: object,
 ) -> tuple[dict[str, float], tuple[str, ...]]:
     check_instance("model", model, nn.Module, owner=owner)
     if not isinstance(example_input, (Tensor, ModelCall)):
@@ -312,6 +325,7 @@ def _check_arguments(
     check_patterns("exclude", exclude, owner=owner)
     for flag, value in (("skip_first", skip_first), ("skip_last", skip_last)):
         check_bool(flag, value, owner=owner)
+    check_int("channel_multiple", channel_multiple, 1, owner=owner)
     return asked, tuple(chosen)
 
 
@@ -335,17 +349,32 @@ def check_methods(methods: object, owner: str, error: type[Exception] = ValueErr
     return tuple(chosen)
 
 
-def _structured_specs(conv: _PlainConv, name: str) -> list[StructureSpec]:
-    """The structured grid of ``conv``: ``c`` from :data:`CHANNEL_RATIOS`, ``n`` from :data:`KERNEL_REDUCTIONS`,
-    without the full ``(C, k)`` (no reduction) and without repeats."""
-    full = (conv.in_channels // conv.groups, *conv.kernel_size)
+def _structured_specs(conv: _PlainConv, name: str, channel_multiple: int) -> list[StructureSpec]:
+    """The structured grid of ``conv``: ``c`` from :data:`CHANNEL_RATIOS` (a multiple of ``channel_multiple`` unless
+    ``c = C``), ``n`` from :data:`KERNEL_REDUCTIONS`, without the full ``(C, k)`` (no reduction) and without
+    repeats."""
+    channels = conv.in_channels // conv.groups
     specs: list[StructureSpec] = []
     for channel_ratio in CHANNEL_RATIOS:
         for reduction in KERNEL_REDUCTIONS:
             spec = structure_spec_for(conv, channel_ratio, reduction, name=name)
-            if (spec.channels, *spec.kernel_size) != full and spec not in specs:
+            runs_fast = spec.channels == channels or spec.channels % channel_multiple == 0
+            if (spec.channels, *spec.kernel_size) != (channels, *conv.kernel_size) and runs_fast and spec not in specs:
                 specs.append(spec)
     return specs
+
+
+def _ghost_ratios(conv: _PlainConv, channel_multiple: int) -> list[int]:
+    """The Ghost ratios of ``conv``'s grid: ``s`` from :data:`GHOST_RATIOS` with fewer parameters than the dense layer
+    and ``ceil(C_out / s)`` intrinsic maps a multiple of ``channel_multiple``."""
+    dense_params = _own_params(conv)
+    return [
+        s
+        for s in GHOST_RATIOS
+        if conv.out_channels >= s
+        and _ghost_costs(conv, s)[1] < dense_params
+        and -(-conv.out_channels // s) % channel_multiple == 0
+    ]
 
 
 def _ghost_costs(conv: _PlainConv, ratio: int) -> tuple[int, int]:
@@ -529,6 +558,7 @@ def plan_budget(
     exclude: str | Sequence[str] | None = None,
     skip_first: bool = True,
     skip_last: bool = True,
+    channel_multiple: int = 1,
 ) -> BudgetPlan:
     """Plan per-layer methods and hyper-parameters that meet every budget given with the least total sensitivity;
     the model is not changed (see :func:`compress_to_budget`, which plans and applies, for the arguments and the
@@ -555,6 +585,7 @@ def plan_budget(
         exclude,
         skip_first,
         skip_last,
+        channel_multiple,
     )
     return plan
 
@@ -569,6 +600,7 @@ def check_budget_reachable(
     include: str | Sequence[str] | None = None,
     skip_first: bool = True,
     skip_last: bool = True,
+    channel_multiple: int = 1,
 ) -> None:
     """Raise what :func:`plan_budget` would raise for these MACs/params budgets (an invalid argument, a budget no
     plan can meet, budgets that cannot be met together), from the costs alone: no calibration pass and no
@@ -583,7 +615,18 @@ def check_budget_reachable(
     """
     budgets = {"macs": macs, "params": params, "latency_ms": None}
     _plan(
-        "plan_budget", model, example_input, budgets, methods, None, include, None, skip_first, skip_last, score=False
+        "plan_budget",
+        model,
+        example_input,
+        budgets,
+        methods,
+        None,
+        include,
+        None,
+        skip_first,
+        skip_last,
+        channel_multiple,
+        score=False,
     )
 
 
@@ -598,13 +641,24 @@ def _plan(
     exclude: Any,
     skip_first: bool,
     skip_last: bool,
+    channel_multiple: int,
     score: bool = True,
 ) -> tuple[BudgetPlan, dict[str, Tensor]]:
     """The plan of :func:`plan_budget` and the first images of each Ghost-planned layer's input (for the fits of
     :func:`apply_budget_plan`). ``score=False`` skips the calibration pass: every candidate's sensitivity is 0, so
     the plan meets the budgets (or the same errors are raised) but its choices carry no information."""
     asked, methods = _check_arguments(
-        owner, model, example_input, budgets, methods, calibration, include, exclude, skip_first, skip_last
+        owner,
+        model,
+        example_input,
+        budgets,
+        methods,
+        calibration,
+        include,
+        exclude,
+        skip_first,
+        skip_last,
+        channel_multiple,
     )
     before_counts = count_complexity(model, example_input=_first(example_input))  # per example: MACs scale with it
     allowed, skipped, entries = _selection(model, methods, include, exclude, skip_first, skip_last, example_input)
@@ -629,15 +683,10 @@ def _plan(
             f"{owner}: no layer can be planned (include={include!r}, exclude={exclude!r}, methods={methods!r}): "
             f"{reasons}"
         )
-    specs = {n: _structured_specs(c, n) if "structured" in allowed[n] else [] for n, c in layers.items()}
-    ratios: dict[str, list[int]] = {}
-    for name, conv in layers.items():
-        dense_params = _own_params(conv)
-        ratios[name] = [
-            s
-            for s in GHOST_RATIOS
-            if "ghost" in allowed[name] and conv.out_channels >= s and _ghost_costs(conv, s)[1] < dense_params
-        ]
+    specs = {
+        n: _structured_specs(c, n, channel_multiple) if "structured" in allowed[n] else [] for n, c in layers.items()
+    }
+    ratios = {n: _ghost_ratios(c, channel_multiple) if "ghost" in allowed[n] else [] for n, c in layers.items()}
     scorer = _Sensitivities(specs, ratios)
     if score:
         handles = []
@@ -694,7 +743,7 @@ def _plan(
         for name, conv in layers.items()
     ]
     fixed = {key: before[key] - sum(layer.candidates[0].cost(key) for layer in planned) for key in before}
-    plan = BudgetPlan(planned, asked, before, fixed, skipped)
+    plan = BudgetPlan(planned, asked, before, fixed, skipped, channel_multiple)
     _allocate(plan, owner)
     return plan, scorer.inputs
 
@@ -725,7 +774,13 @@ def _allocate(plan: BudgetPlan, owner: str) -> None:
             floor = lowest if key == "latency_ms" else lowest / plan.before[key]
             raise ValueError(
                 f"{owner}: {key}={plan.budgets[key]:g} cannot be met: the smallest reachable value is {reachable} "
-                f"(every planned layer at its cheapest candidate); valid range is {floor:.4g} <= {key}"
+                f"(every planned layer at its cheapest candidate"
+                + (
+                    f" whose new channel counts are multiples of channel_multiple={plan.channel_multiple}"
+                    if plan.channel_multiple != 1
+                    else ""
+                )
+                + f"); valid range is {floor:.4g} <= {key}"
                 + ("" if key == "latency_ms" else " <= 1")
             )
     totals = {key: plan.total(key) for key in limits}
@@ -844,6 +899,7 @@ def compress_to_budget(
     exclude: str | Sequence[str] | None = None,
     skip_first: bool = True,
     skip_last: bool = True,
+    channel_multiple: int = 1,
 ) -> BudgetResult:
     """Convert each selected plain conv (``nn.Conv1d/2d/3d``) of ``model`` to the Ghost, structured or dense form that,
     all layers together, meets every budget given with the least total sensitivity; in place, atomically. Transposed
@@ -860,6 +916,10 @@ def compress_to_budget(
     Candidates per layer, selection (``include``/``exclude`` globs, ``skip_first``/``skip_last``, layers whose
     weights are used elsewhere) as :func:`~lightning_cheapconv.convert.select_layers` does it for each of
     ``methods`` (``"ghost"``, ``"structured"``); costs, sensitivities and the allocation: see the module docstring.
+    ``channel_multiple`` (an int >= 1; 1 = the whole grid) keeps only candidates whose new channel counts are
+    multiples of it: a structured layer's hidden channels ``c`` (``c = C`` always allowed) and a Ghost module's
+    intrinsic maps. Runtimes with blocked layouts run other counts slowly: for ONNX Runtime on an x86 CPU use its
+    NCHWc block, :data:`NCHWC_CHANNEL_MULTIPLE` (16) with AVX-512 or 8 with AVX2 (BENCHMARKS.md, table 3b).
     Sensitivities and Ghost weight inheritance use ``calibration`` (a batch of model inputs; ``example_input`` when
     ``None``) in one forward pass, on the first images of each layer's input that give
     :data:`SENSITIVITY_POSITIONS` output positions; with ``calibration`` the BatchNorm statistics are then
@@ -875,9 +935,10 @@ def compress_to_budget(
     Raises:
         ValueError: naming the argument, its value and the valid range (``macs``/``params`` in ``(0, 1]``,
             ``latency_ms`` > 0, at least one budget, ``methods`` a non-empty sequence of ``"ghost"``/``"structured"``,
-            bools as bools, glob patterns, a finite ``calibration`` batch that runs through the model); no layer to
-            plan (each selected layer's reason listed: a transposed conv's is :data:`TRANSPOSED_REASON`); a budget
-            that cannot be met even with every layer at its cheapest candidate, naming the smallest reachable value.
+            ``channel_multiple`` an int >= 1, bools as bools, glob patterns, a finite ``calibration`` batch that runs
+            through the model); no layer to plan (each selected layer's reason listed: a transposed conv's is
+            :data:`TRANSPOSED_REASON`); a budget that cannot be met even with every layer at its cheapest candidate,
+            naming the smallest reachable value.
 
     Example::
 
@@ -899,5 +960,6 @@ def compress_to_budget(
         exclude,
         skip_first,
         skip_last,
+        channel_multiple,
     )
     return apply_budget_plan(model, plan, calibration, inputs, owner)

@@ -194,6 +194,9 @@ def test_failure_while_converting_leaves_the_model_unchanged(resnet20: nn.Module
             r"calibration with input shapes \[\(2, 5, 32, 32\)\]",
         ),
         ({"macs": 0.5, "include": "nothing.*"}, r"no layer can be planned"),
+        ({"macs": 0.5, "channel_multiple": 0}, r"channel_multiple=0 is out of range; valid range is >= 1"),
+        ({"macs": 0.5, "channel_multiple": 8.0}, r"channel_multiple=8\.0 is out of range"),
+        ({"macs": 0.5, "channel_multiple": True}, r"channel_multiple=True is out of range"),
     ],
 )
 def test_bad_arguments_raise_before_anything_changes(resnet20: nn.Module, kwargs: dict, match: str) -> None:
@@ -202,6 +205,69 @@ def test_bad_arguments_raise_before_anything_changes(resnet20: nn.Module, kwargs
     with pytest.raises(ValueError, match=match):
         compress_to_budget(model, _images(1, 32), **kwargs)
     _assert_unchanged(model, snapshot)
+
+
+class _Narrow(nn.Module):
+    """A stem, a 16 -> 16 and a 16 -> 48 3x3 conv, a classifier: the grid of each planned conv is known by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.narrow = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.wide = nn.Conv2d(16, 48, 3, padding=1, bias=False)
+        self.head = nn.Linear(48, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.wide(self.narrow(self.stem(x)).relu()).relu().mean((2, 3)))
+
+
+def _structured_labels(channels: list[int]) -> list[str]:
+    """The grid's structured labels of a 3x3 conv with 16 input channels, in plan order: per c, n = 2 then 3 (not the
+    full (16, 3))."""
+    return [f"structured c={c} n={n}x{n}" for c in channels for n in (2, 3) if (c, n) != (16, 3)]
+
+
+@pytest.mark.parametrize(
+    ("multiple", "ghost_narrow", "ghost_wide", "hidden"),
+    [
+        # Ghost s in {2, 3, 4} keeps ceil(C_out / s) intrinsic maps: 16 -> 8, 6, 4; 48 -> 24, 16, 12. Structured c in
+        # 16 * {1, 3/4, 1/2, 3/8, 1/4} = 16, 12, 8, 6, 4 (both layers have 16 input channels; c = C always allowed).
+        (1, [2, 3, 4], [2, 3, 4], [16, 12, 8, 6, 4]),
+        (4, [2, 4], [2, 3, 4], [16, 12, 8, 4]),
+        (8, [2], [2, 3], [16, 8]),
+        (16, [], [3], [16]),
+    ],
+)
+def test_channel_multiple_keeps_the_candidates_whose_new_channel_counts_are_its_multiples(
+    multiple: int, ghost_narrow: list[int], ghost_wide: list[int], hidden: list[int]
+) -> None:
+    torch.manual_seed(0)
+    model = _Narrow()
+    plan = plan_budget(model, _images(1, 8), macs=0.9, channel_multiple=multiple, calibration=_images(4, 8))
+    candidates = {layer.name: [c.label for c in layer.candidates] for layer in plan.layers}
+    assert candidates == {
+        "narrow": ["dense", *(f"ghost s={s}" for s in ghost_narrow), *_structured_labels(hidden)],
+        "wide": ["dense", *(f"ghost s={s}" for s in ghost_wide), *_structured_labels(hidden)],
+    }
+    assert plan.channel_multiple == multiple
+    assert ("multiples of 16 (channel_multiple)" in str(plan)) == (multiple == 16)
+
+
+def test_channel_multiple_raises_the_smallest_reachable_budget_and_says_why() -> None:
+    torch.manual_seed(0)
+    model = _Narrow()
+    snapshot = _snapshot(model)
+    # With channel_multiple=16: narrow (16 -> 16) at its cheapest is c=16 n=2x2, 16*16*4 MACs per position; wide
+    # (16 -> 48) at Ghost s=3: 16*16*9 + 16*2*9; the stem (3 -> 16, 3*16*9) is not planned. 8x8 positions each,
+    # and the classifier's 48*10.
+    dense = 64 * (3 * 16 * 9 + 16 * 16 * 9 + 16 * 48 * 9) + 480
+    cheapest = 64 * (3 * 16 * 9 + 16 * 16 * 4 + 16 * 16 * 9 + 16 * 2 * 9) + 480
+    with pytest.raises(ValueError) as raised:
+        compress_to_budget(model, _images(1, 8), macs=0.3, channel_multiple=16)
+    assert f"the smallest reachable value is {cheapest / dense:.4f} of the original MACs" in str(raised.value)
+    assert "whose new channel counts are multiples of channel_multiple=16" in str(raised.value)
+    _assert_unchanged(model, snapshot)
+    compress_to_budget(model, _images(1, 8), macs=0.3, channel_multiple=1, calibration=_images(4, 8))  # reachable
 
 
 def test_bad_example_input_is_named(resnet20: nn.Module) -> None:

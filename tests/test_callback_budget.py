@@ -6,6 +6,7 @@ identical on 2 DDP ranks (tests/scripts/ddp_budget.py)."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,77 @@ def test_budget_arguments_refused() -> None:
         StructuredConvCallback(target_latency_ms=0)
     with pytest.raises(MisconfigurationException, match=r"dw_size=5 .*budget"):
         GhostConvCallback(target_macs=0.5, dw_size=5)
+    with pytest.raises(MisconfigurationException, match=r"channel_multiple=0 is out of range; valid range is >= 1"):
+        BudgetConvCallback(target_macs=0.5, channel_multiple=0)
+    with pytest.raises(MisconfigurationException, match=r"channel_multiple=16\.0 is out of range"):
+        StructuredConvCallback(target_macs=0.5, channel_multiple=16.0)
+    with pytest.warns(UserWarning, match=r"channel_multiple=16 has no effect without a budget"):
+        GhostConvCallback(channel_multiple=16)
+
+
+def _fits_the_multiple(choice: dict[str, Any], in_channels: int, out_channels: int, multiple: int) -> bool:
+    """Whether a plan's choice creates only channel counts that are multiples of ``multiple`` (``c = C`` allowed)."""
+    if choice["method"] == "structured":
+        return choice["channels"] in (in_channels, *range(0, in_channels + 1, multiple))
+    if choice["method"] == "ghost":
+        return -(-out_channels // choice["ratio"]) % multiple == 0
+    return True
+
+
+def test_channel_multiple_reaches_the_plan(project: Any) -> None:
+    """``channel_multiple`` restricts the callback's plan; the same fit without it plans channel counts it rules out
+    (the body convs are 16 -> 16, 16 -> 32 and 32 -> 32 at width 16)."""
+    plans = {}
+    for multiple in (1, 16):
+        project.lp.seed_everything(0)
+        model = project.Model(scheduler="none", width=16)
+        shapes = {n: (model.get_submodule(n).in_channels, model.get_submodule(n).out_channels) for n in USER_TARGETS}
+        callback = BudgetConvCallback(target_macs=0.6, verbose=0, channel_multiple=multiple, calibration_batches=2)
+        user_trainer(project.lp, max_epochs=1, callbacks=[callback]).fit(model, datamodule=project.DataModule())
+        assert macs(model) <= 0.6 * macs(project.Model(scheduler="none", width=16)) + 1e-9
+        plans[multiple] = {n: _fits_the_multiple(callback.budget_plan[n], *shapes[n], 16) for n in USER_TARGETS}
+    assert all(plans[16].values()), plans
+    assert not all(plans[1].values()), plans
+
+
+def test_changed_budget_arguments_warn_on_resume_and_evaluation(project: Any, tmp_path: Path) -> None:
+    """A resumed fit whose callback asks another channel_multiple continues the checkpoint's plan and says so (other
+    budgets and methods: tests/test_callback_budget_mixed.py); a validate whose callback asks another budget runs the
+    checkpoint's plan and says so, and only then."""
+    project.lp.seed_everything(0)
+    model = project.Model(scheduler="none", width=16)
+    checkpoint = project.lp.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
+    callback = BudgetConvCallback(target_macs=0.6, verbose=0, methods="structured", calibration_batches=2)
+    trainer = user_trainer(project.lp, max_epochs=1, callbacks=[callback, checkpoint], enable_checkpointing=True)
+    trainer.fit(model, datamodule=project.DataModule())
+    ckpt = tmp_path / "epoch=0.ckpt"
+    resumed = BudgetConvCallback(
+        target_macs=0.6, verbose=0, methods="structured", calibration_batches=2, channel_multiple=16
+    )
+    trainer = user_trainer(project.lp, max_epochs=2, callbacks=[resumed])
+    with pytest.warns(
+        UserWarning,
+        match=r"made for target_macs=0\.6, methods=\['structured'\], continues; this run asks target_macs=0\.6, "
+        r"channel_multiple=16, methods=\['structured'\]",
+    ):
+        trainer.fit(project.Model(scheduler="none", width=16), datamodule=project.DataModule(), ckpt_path=ckpt)
+    assert resumed.budget_plan == callback.budget_plan
+    for asked, warned in ((0.5, True), (0.6, False)):
+        evaluating = BudgetConvCallback(target_macs=asked, verbose=0, methods="structured")
+        trainer = user_trainer(project.lp, callbacks=[evaluating])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.validate(project.Model(scheduler="none", width=16), datamodule=project.DataModule(), ckpt_path=ckpt)
+        messages = [str(w.message) for w in caught if "runs the checkpoint's budget plan" in str(w.message)]
+        assert messages == (
+            [
+                "BudgetConvCallback: validate runs the checkpoint's budget plan, made for target_macs=0.6, "
+                "methods=['structured'], as the checkpoint's layers are; this callback's target_macs=0.5, "
+                "methods=['structured'] apply when it fits."
+            ]
+            if warned
+            else []
+        )
 
 
 def test_resume_mid_planned_schedule_equals_uninterrupted(project: Any, tmp_path: Path) -> None:

@@ -139,12 +139,12 @@ def test_resume_mid_mixed_schedule_equals_uninterrupted(project: Any, tmp_path: 
 
     # Resumed with another budget: the checkpoint's plan continues, and the run says so.
     other = BudgetConvCallback(target_macs=0.4, stages=2, start_epoch=1, end_epoch=2, verbose=0)
-    with pytest.warns(UserWarning, match=r"plan was made for target_macs=0.6, .*this run asks target_macs=0.4"):
+    with pytest.warns(UserWarning, match=r"plan, made for target_macs=0.6, .*continues; this run asks target_macs=0.4"):
         fit(project, other, tmp_path / "c", ckpt_path=str(tmp_path / "a" / "epoch=1.ckpt"))
     assert other.budget_plan == callback_a.budget_plan
     other = BudgetConvCallback(target_macs=0.6, methods="structured", stages=2, start_epoch=1, end_epoch=2, verbose=0)
     with pytest.warns(
-        UserWarning, match=r"methods=\['ghost', 'structured'\]; this run asks .*methods=\['structured'\]"
+        UserWarning, match=r"methods=\['ghost', 'structured'\], continues; this run asks .*methods=\['structured'\]"
     ):
         fit(project, other, tmp_path / "d", ckpt_path=str(tmp_path / "a" / "epoch=1.ckpt"))
 

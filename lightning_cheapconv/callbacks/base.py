@@ -18,7 +18,7 @@ from ..convert import DENSE_TYPES, PREDICTION_KEPT, LayerPlan
 from ..heads import find_prediction_layers
 from ..report import compression_report
 from ..reuse import find_weight_reuse
-from ..validation import check_bool, check_choice, check_finite_number, check_patterns
+from ..validation import check_bool, check_choice, check_finite_number, check_int, check_patterns
 from .distill import Distiller, check_distill_arguments
 from .optimizer_state import align_saved_state, parameter_names
 from .schedule import Order, StageSchedule, Unit
@@ -46,6 +46,12 @@ def _choices(plan: Any, names: Sequence[str]) -> dict[str, dict[str, Any]]:
             kernel = [int(n) for n in choice.kernel_size]
             result[name] = {"method": "structured", "channels": int(choice.channels), "kernel_size": kernel}
     return result
+
+
+def _budget_arguments(budgets: dict[str, float], channel_multiple: int) -> str:
+    """The budget arguments as a callback is given them (``channel_multiple`` when not 1), for messages."""
+    asked = [f"target_{k}={v:g}" for k, v in budgets.items()]
+    return ", ".join(asked + ([f"channel_multiple={channel_multiple}"] if channel_multiple != 1 else []))
 
 
 def _loss_factor(trainer: Trainer) -> float:
@@ -113,6 +119,7 @@ class CheapConvCallback(Callback):
         self._loaded_checkpoint: dict[str, Any] | None = None
         self._saved_optimizer_params: list | None = None
         self._forms: dict[str, type[nn.Module]] = {}
+        self._evaluating: str | None = None  # the validate/test/predict stage set up since the last fit
         self._trainer: Trainer | None = None
         self.distiller: Distiller | None = None
         self.budgets: dict[str, float] = {}
@@ -122,11 +129,12 @@ class CheapConvCallback(Callback):
         self._state_before: dict[str, Any] | None = None  # the module as fit received it, while a refusal may come
         self._batches_seen = 0  # training batches of this fit
 
-    def _init_budget(self, target_macs: Any, target_params: Any, target_latency_ms: Any) -> None:
+    def _init_budget(self, target_macs: Any, target_params: Any, target_latency_ms: Any, channel_multiple: Any) -> None:
         """Check the budget arguments: ``target_macs``/``target_params`` fractions in ``(0, 1]``, ``target_latency_ms``
-        > 0 (each optional)."""
+        > 0 (each optional), ``channel_multiple`` an int >= 1."""
         who, error = type(self).__name__, MisconfigurationException
         self.target_macs, self.target_params, self.target_latency_ms = target_macs, target_params, target_latency_ms
+        self.channel_multiple = check_int("channel_multiple", channel_multiple, 1, owner=who, error=error)
         for key, value in (("macs", target_macs), ("params", target_params)):
             if value is not None:
                 maximum = 1.0
@@ -137,9 +145,14 @@ class CheapConvCallback(Callback):
             self.budgets["latency_ms"] = check_finite_number(
                 "target_latency_ms", target_latency_ms, 0.0, exclusive_minimum=True, owner=who, error=error
             )
+        if self.channel_multiple != 1 and not self.budgets:
+            rank_zero_warn(
+                f"{who}: channel_multiple={self.channel_multiple} has no effect without a budget (target_macs, "
+                "target_params or target_latency_ms): it restricts the channel counts a budget plan may choose"
+            )
 
     def _budget_arguments(self) -> str:
-        return ", ".join(f"target_{k}={v:g}" for k, v in self.budgets.items())
+        return _budget_arguments(self.budgets, self.channel_multiple)
 
     def _init_distill(self, distill: Any, weight: Any, logits: Any, temperature: Any) -> None:
         """Check the distillation arguments and keep them (see :mod:`lightning_cheapconv.callbacks.distill`)."""
@@ -206,6 +219,7 @@ class CheapConvCallback(Callback):
                         include=list(self.todo),
                         skip_first=False,
                         skip_last=False,
+                        channel_multiple=self.channel_multiple,
                         **{k: v for k, v in self.budgets.items()},
                     )
                     choices = _choices(plan, self.todo)
@@ -255,6 +269,7 @@ class CheapConvCallback(Callback):
                 include=list(self.todo),
                 skip_first=False,
                 skip_last=False,
+                channel_multiple=self.channel_multiple,
                 **budgets,
             )
         except ValueError as err:
@@ -350,7 +365,7 @@ class CheapConvCallback(Callback):
     def _setup_plan(self, trainer: Trainer, pl_module: LightningModule) -> None:
         who = type(self).__name__
         refuse_incompatible_callbacks(trainer, who, self._integer_buffers())
-        self._trainer = trainer
+        self._trainer, self._evaluating = trainer, None
         self._example, self._calls, self._warned_no_input = None, [], False  # nothing from an earlier fit
         self._budget_checked, self._state_before, self._batches_seen = False, None, 0
         self.plan = self._select(pl_module)
@@ -422,11 +437,12 @@ class CheapConvCallback(Callback):
         )
 
     # -- validate/test/predict with a checkpoint ---------------------------------------------------
-    def _remember_forms(self, pl_module: LightningModule) -> None:
-        """Before validate/test/predict: install the restructure hook (a checkpoint of any stage then loads into a
-        fresh model), and note the form of each layer in this callback's cheap forms, to tell if loading takes it out
-        of that form (a dense layer taking the checkpoint's cheap form is what loading a checkpoint into a fresh model
-        does; a callback that has not run a fit knows no targets, so every such module counts)."""
+    def _remember_forms(self, pl_module: LightningModule, stage: str) -> None:
+        """Before validate/test/predict (``stage``): install the restructure hook (a checkpoint of any stage then loads
+        into a fresh model), and note the form of each layer in this callback's cheap forms, to tell if loading takes
+        it out of that form (a dense layer taking the checkpoint's cheap form is what loading a checkpoint into a fresh
+        model does; a callback that has not run a fit knows no targets, so every such module counts)."""
+        self._evaluating = str(getattr(stage, "value", stage))  # "validate": Lightning passes a str enum
         install_restructure_hook(pl_module)
         self._forms = {n: type(m) for n, m in pl_module.named_modules() if isinstance(m, self.cheap_types)}
 
@@ -624,22 +640,33 @@ class CheapConvCallback(Callback):
             state["budget_plan"] = self.budget_plan
             state["budgets"] = dict(self.budgets)
             state["budget_methods"] = list(self._budget_methods())
+            state["channel_multiple"] = self.channel_multiple
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         choices = state_dict.get("budget_plan")
-        if self.budgets and choices is not None and self._trainer is not None and self.plan:
-            self._apply_choices(self._trainer.lightning_module, choices)  # the plan of the run that saved it
+        if self.budgets and choices is not None:
+            methods = list(self._budget_methods())
             saved_budgets = state_dict.get("budgets", self.budgets)
-            saved_methods = state_dict.get("budget_methods", list(self._budget_methods()))
-            if saved_budgets != self.budgets or saved_methods != list(self._budget_methods()):
-                asked = ", ".join(f"target_{k}={v:g}" for k, v in saved_budgets.items())
-                rank_zero_warn(
-                    f"{type(self).__name__}: the checkpoint's budget plan was made for {asked}, "
-                    f"methods={saved_methods}; this run asks {self._budget_arguments()}, "
-                    f"methods={list(self._budget_methods())}. The checkpoint's plan continues (layers converted by it "
-                    "stay as they are); to plan anew, start from a checkpoint saved before the first stage."
-                )
+            saved_methods = state_dict.get("budget_methods", methods)
+            saved_multiple = state_dict.get("channel_multiple", 1)
+            changed = (saved_budgets, saved_methods, saved_multiple) != (self.budgets, methods, self.channel_multiple)
+            made_for = f"the checkpoint's budget plan, made for {_budget_arguments(saved_budgets, saved_multiple)}, "
+            asks = f"{self._budget_arguments()}, methods={methods}"
+            if self._evaluating is not None:
+                if changed:
+                    rank_zero_warn(
+                        f"{type(self).__name__}: {self._evaluating} runs {made_for}methods={saved_methods}, as the "
+                        f"checkpoint's layers are; this callback's {asks} apply when it fits."
+                    )
+            elif self._trainer is not None and self.plan:
+                self._apply_choices(self._trainer.lightning_module, choices)  # the plan of the run that saved it
+                if changed:
+                    rank_zero_warn(
+                        f"{type(self).__name__}: {made_for}methods={saved_methods}, continues; this run asks {asks}. "
+                        "Layers converted by it stay as they are; to plan anew, start from a checkpoint saved before "
+                        "the first stage."
+                    )
         saved = state_dict.get("targets")
         if saved is not None and self.plan and list(saved) != self.targets:
             rank_zero_warn(

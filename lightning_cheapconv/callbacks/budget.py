@@ -57,6 +57,9 @@ class BudgetConvCallback(ProjectedLayers, GhostConvCallback):
             than projected structured ones: on the digits benchmark (BENCHMARKS.md, table 3b) ``"structured"``
             alone ended more accurate than the mix at most budgets; allow ``"ghost"`` where your runtime runs
             Ghost modules fastest (a ``target_latency_ms`` plan then weighs their measured latency).
+        channel_multiple: plan only candidates whose new channel counts (structured ``c``, unless ``c = C``; Ghost
+            intrinsic maps) are multiples of it (an int >= 1; 1 = the whole grid): 16 suits ONNX Runtime on AVX-512
+            CPUs, 8 on AVX2 (BENCHMARKS.md, table 3b; on narrow layers it raises the smallest reachable budget).
         include, exclude: glob patterns on qualified layer names.
         calibration_batches: training batches whose forward inputs fit the Ghost inheritance on real activations and
             re-estimate the BatchNorm statistics after each stage (0: kernel-space fit, statistics left to training);
@@ -91,6 +94,7 @@ class BudgetConvCallback(ProjectedLayers, GhostConvCallback):
         target_macs: float | None = None,
         target_params: float | None = None,
         target_latency_ms: float | None = None,
+        channel_multiple: int = 1,
         methods: str | Sequence[str] = METHODS,
         include: Patterns = None,
         exclude: Patterns = None,
@@ -127,6 +131,7 @@ class BudgetConvCallback(ProjectedLayers, GhostConvCallback):
             target_macs=target_macs,
             target_params=target_params,
             target_latency_ms=target_latency_ms,
+            channel_multiple=channel_multiple,
             distill=distill,
             distill_weight=distill_weight,
             distill_logits=distill_logits,

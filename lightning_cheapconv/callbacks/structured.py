@@ -96,6 +96,9 @@ class StructuredConvCallback(ProjectedLayers):
             callback state, so a resumed run continues with it. A budget that cannot be met is refused, naming the
             smallest reachable value, before anything changes: at setup when ``example_input_array`` is set, else after
             the first training batch.
+        channel_multiple: with a budget, plan only hidden channel counts ``c`` that are a multiple of it (or ``C``
+            itself; an int >= 1, 1 = the whole grid): 16 suits ONNX Runtime on AVX-512 CPUs, 8 on AVX2 (see
+            :func:`lightning_cheapconv.compress_to_budget`; on narrow layers it raises the smallest reachable budget).
         distill: distil from the network as it was right before the first projection stage (a frozen copy in eval mode,
             kept in the callback state) for the rest of fit: each converted layer's output is matched to the original
             layer's output on the same input (``‖s - t‖² / ‖t‖²``), and with ``distill_logits`` the network's output
@@ -145,6 +148,7 @@ class StructuredConvCallback(ProjectedLayers):
         target_macs: float | None = None,
         target_params: float | None = None,
         target_latency_ms: float | None = None,
+        channel_multiple: int = 1,
         distill: bool = False,
         distill_weight: float = 1.0,
         distill_logits: bool = False,
@@ -152,7 +156,7 @@ class StructuredConvCallback(ProjectedLayers):
     ) -> None:
         super().__init__(include, exclude, skip_first, skip_last, project_order, verbose, "project_order")
         who, error = type(self).__name__, MisconfigurationException
-        self._init_budget(target_macs, target_params, target_latency_ms)
+        self._init_budget(target_macs, target_params, target_latency_ms, channel_multiple)
         self._init_distill(distill, distill_weight, distill_logits, distill_temperature)
         check_finite_number("channel_ratio", channel_ratio, 0.0, 1.0, exclusive_minimum=True, owner=who, error=error)
         try:
@@ -219,7 +223,7 @@ class StructuredConvCallback(ProjectedLayers):
     # -- setup ----------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
-            self._remember_forms(pl_module)
+            self._remember_forms(pl_module, stage)
             return
         check_strategy(trainer, type(self).__name__, changes_mid_fit=False)
         self.specs = {}
