@@ -233,6 +233,25 @@ def test_ghost_model_compared_with_its_original(monkeypatch):
     assert "MACs, batch 1" in [column.header for column in report.table().columns]
 
 
+@pytest.mark.parametrize("noisy", [True, False])
+def test_summary_says_when_whole_model_timings_were_noisy(monkeypatch, noisy):
+    """IQR / median of the 'as given' samples (1, 1, 1, 2, 2): 1.0 (quartiles 1 and 2), or 0 for equal samples."""
+    model = converted("resnet20", "structured")
+
+    def timer(candidates: Mapping[str, Callable[[], Any]], *args: Any, **kwargs: Any) -> dict[str, Latency]:
+        with torch.inference_mode():
+            for fn in candidates.values():
+                fn()
+        samples = (1.0, 1.0, 1.0, 2.0, 2.0) if noisy else (1.0,) * 5
+        return {name: Latency(samples if name == "as given" else (1.0,) * 5) for name in candidates}
+
+    monkeypatch.setattr(deploy_optimize, "time_interleaved", timer)
+    report = optimize_for_inference(model, torch.randn(1, 3, 32, 32), **FAST)
+    sentence = "The whole-model timings were noisy (IQR 100% of the median for 'as given'; above 20% for 1 of "
+    assert (sentence in report.summary) is noisy
+    assert ("time on an idle machine or raise repeats=" in report.summary) is noisy
+
+
 def test_report_table_and_dict():
     model = converted("resnet20", "structured")
     report = optimize_for_inference(model, torch.randn(1, 3, 32, 32), **FAST)

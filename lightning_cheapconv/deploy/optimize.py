@@ -44,6 +44,9 @@ def _ghost_names(modules: Mapping[str, nn.Module]) -> set[str]:
 
 RUNTIMES: tuple[str, ...] = ("pytorch", "onnxruntime")
 """Where :func:`optimize_for_inference` measures: PyTorch (eager, or compiled with ``compile=True``) or ONNX Runtime."""
+NOISY_SPREAD = 0.2
+"""A whole-model timing whose interquartile range exceeds this fraction of its median makes the summary warn that the
+choice may not repeat (:attr:`Latency.spread`)."""
 
 
 def pooling_forms() -> tuple[str, ...]:
@@ -258,6 +261,14 @@ def _summary(report: InferenceReport, n_folded_bn: int, n_perm: int, ghosts_name
         parts.append(
             f"The converted model beat the original dense model (BatchNorm folded, {original:.3f} ms) as a whole: "
             f"{original / report.latency_after_ms:.2f}× faster."
+        )
+    noisy = {name: spread for name, spread in report.spreads.items() if spread > NOISY_SPREAD}
+    if noisy:
+        worst = max(noisy, key=noisy.__getitem__)
+        parts.append(
+            f"The whole-model timings were noisy (IQR {noisy[worst]:.0%} of the median for '{worst}'; above "
+            f"{NOISY_SPREAD:.0%} for {len(noisy)} of {len(report.spreads)}): the choice may differ on a rerun; time on "
+            "an idle machine or raise repeats=."
         )
     if report.cheap_form_won is None:
         parts.append(
