@@ -30,6 +30,7 @@ RUNS = {
     "overhead": ("overhead", []),
     "memory": ("memory", []),
     "budget": ("budget", []),
+    "latency_budget": ("latency_budget", []),
     "sensitivity": ("sensitivity", []),
 }
 OUTPUT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"

@@ -15,7 +15,9 @@ Each candidate has
   (MACs per output position times the positions the dense layer computes for one example: the first item of the
   example's batch), so the converted model meets the budget when counted independently; with ``latency_ms``, its
   latency on the example's device and batch, timed alone on a random input of the shape the layer sees
-  (:func:`~lightning_cheapconv.deploy.time_interleaved`);
+  (:func:`~lightning_cheapconv.deploy.time_interleaved`), in PyTorch eager or, with
+  ``latency_runtime="onnxruntime"``, exported to ONNX and run in ONNX Runtime (the planned model is then timed as a
+  whole, and allocated again while over the budget: :func:`compress_to_budget`);
 - a **sensitivity**: the squared relative output error ``‖y' - y‖² / ‖y‖²`` of the layer on the calibration batch,
   after weight inheritance (Ghost, fitted on the layer's real activations) or projection (structured): the per-layer
   reconstruction error that channel pruning minimizes (He et al., ICCV 2017, "Channel Pruning for Accelerating Very
@@ -41,8 +43,9 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -61,12 +64,14 @@ from .convert import (
     structured_from_dense,
 )
 from .deploy import time_interleaved
+from .deploy.onnx_runtime import onnx_runner, require_onnxruntime
 from .inherit import ghost_output_errors
 from .report import plain_text
-from .reuse import evaluating
+from .reuse import copy_without_hooks, evaluating
 from .structure import StructureSpec, project
 from .validation import (
     check_bool,
+    check_choice,
     check_finite_number,
     check_finite_tensor,
     check_instance,
@@ -106,6 +111,12 @@ the blocked NCHWc layout only when its input channels are a multiple of the bloc
 table 3b."""
 METHODS = ("ghost", "structured")
 BUDGETS = ("macs", "params", "latency_ms")
+LATENCY_RUNTIMES = ("pytorch", "onnxruntime")
+LATENCY_ROUNDS = 3
+"""Whole-model measurements of a latency plan: while the planned model, timed as a whole against the dense one, is
+over the budget, the gap is added to the latency outside the planned layers and the layers are allocated again."""
+"""Where a ``latency_ms`` budget is measured: PyTorch eager, or ONNX Runtime on each form's
+``torch.onnx.export(dynamo=True)`` graph (:func:`~lightning_cheapconv.deploy.onnx_runner`)."""
 PLANNED_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 """The layer types a budget plans: plain convs (and their plain subclasses, as :func:`select_layers` admits them).
 Transposed convs, which the conversions also take, are skipped with :data:`TRANSPOSED_REASON`."""
@@ -176,7 +187,10 @@ class BudgetPlan:
     ``budgets`` are the limits asked (``macs``/``params`` as fractions of the original, ``latency_ms`` in ms);
     ``before`` the original totals (MACs per example, parameters, latency in ms when measured);
     ``fixed`` the part of each total outside the planned layers. ``skipped`` lists the layers not planned, with why.
-    ``channel_multiple``: the multiple the candidates' new channel counts were restricted to (1: none).
+    ``channel_multiple``: the multiple the candidates' new channel counts were restricted to (1: none);
+    ``latency_runtime``: where the latencies were measured (:data:`LATENCY_RUNTIMES`); ``measured_latency_ms``: the
+    planned model's latency timed as a whole (against the dense model, in the units of ``before``), with a
+    ``latency_ms`` budget.
 
     Example::
 
@@ -191,6 +205,8 @@ class BudgetPlan:
     fixed: dict[str, float]
     skipped: list[LayerPlan] = field(default_factory=list)
     channel_multiple: int = 1
+    latency_runtime: str = "pytorch"
+    measured_latency_ms: float | None = None
 
     def total(self, key: str) -> float:
         """The predicted whole-model total of ``key`` (``macs``, ``params`` or ``latency_ms``)."""
@@ -215,7 +231,8 @@ class BudgetPlan:
         table = Table(title="Budget plan", caption=self._caption(), caption_justify="left")
         table.add_column("layer", overflow="fold")
         table.add_column("choice")
-        for header in ("MACs", "params", *(("latency ms",) if timed else ()), "rel. error"):
+        latency = "latency ms" + (", ONNX Runtime" if self.latency_runtime == "onnxruntime" else "")
+        for header in ("MACs", "params", *((latency,) if timed else ()), "rel. error"):
             table.add_column(header, justify="right")
         for layer in self.layers:
             choice, dense = layer.choice, layer.candidates[0]
@@ -234,8 +251,9 @@ class BudgetPlan:
             if key in self.before:
                 asked = self.budgets.get(key)
                 limit = "" if asked is None else (f" (budget {asked:g} ms)" if key == "latency_ms" else f" ({asked:g})")
+                measured = "" if self.measured_latency_ms is None else f", {self.measured_latency_ms:.3g} measured"
                 value = (
-                    f"{self.before[key]:.3g} → {self.total(key):.3g} ms{limit}"
+                    f"{self.before[key]:.3g} → {self.total(key):.3g} ms{measured}{limit}"
                     if key == "latency_ms"
                     else f"{format_count(self.before[key])} → {format_count(self.total(key))}: "
                     f"{self.fraction(key):.3f}{limit}"
@@ -298,6 +316,7 @@ def _check_arguments(
     skip_first: object,
     skip_last: object,
     channel_multiple: object,
+    latency_runtime: object,
 ) -> tuple[dict[str, float], tuple[str, ...]]:
     check_instance("model", model, nn.Module, owner=owner)
     if not isinstance(example_input, (Tensor, ModelCall)):
@@ -326,7 +345,33 @@ def _check_arguments(
     for flag, value in (("skip_first", skip_first), ("skip_last", skip_last)):
         check_bool(flag, value, owner=owner)
     check_int("channel_multiple", channel_multiple, 1, owner=owner)
+    check_choice("latency_runtime", latency_runtime, LATENCY_RUNTIMES, owner=owner)
+    if latency_runtime != "pytorch":
+        if "latency_ms" not in asked:
+            raise ValueError(
+                f"{owner}: latency_runtime={latency_runtime!r} is where latency_ms is measured, and no latency_ms was "
+                "given; pass latency_ms (> 0) or leave latency_runtime='pytorch'"
+            )
+        require_onnxruntime("latency_runtime='onnxruntime'")
+        _single_tensor(owner, example_input)
     return asked, tuple(chosen)
+
+
+def _single_tensor(owner: str, example_input: Tensor | ModelCall) -> Tensor:
+    """The one input tensor of ``example_input`` (what an ONNX export of the whole model takes).
+
+    Raises:
+        ValueError: ``example_input`` is a call with other arguments than one tensor.
+    """
+    if isinstance(example_input, Tensor):
+        return example_input
+    if len(example_input.args) == 1 and not example_input.kwargs and isinstance(example_input.args[0], Tensor):
+        return example_input.args[0]
+    raise ValueError(
+        f"{owner}: latency_runtime='onnxruntime' exports the whole model on its example input, which must be one "
+        f"tensor; got a call with {len(example_input.args)} positional and {len(example_input.kwargs)} keyword "
+        "argument(s)"
+    )
 
 
 def check_methods(methods: object, owner: str, error: type[Exception] = ValueError) -> tuple[str, ...]:
@@ -507,16 +552,38 @@ def _layer_shapes(model: nn.Module, example: Tensor | ModelCall, layers: dict[st
     return shapes
 
 
+def _form(conv: _PlainConv, candidate: Candidate, name: str) -> nn.Module:
+    """``conv`` in the form of ``candidate``, for timing: Ghost modules with random weights, structured layers
+    projected; ``conv`` itself for the dense candidate."""
+    if candidate.method == "dense":
+        return conv
+    if candidate.method == "ghost":
+        return ghost_from_conv(conv, candidate.ratio, GHOST_DW_SIZE, "random", name=name)[0]
+    return structured_from_dense(conv, StructureSpec(candidate.channels, candidate.kernel_size), name)[0]
+
+
+def _runner(module: nn.Module, example: Tensor | ModelCall, runtime: str, device: torch.device) -> Callable[[], Any]:
+    """A callable that runs ``module`` on ``example`` in ``runtime``: eager (call it in eval mode), or the session of
+    its ONNX export (made in eval mode; ``module``'s own modes are kept)."""
+    if runtime == "onnxruntime":
+        with evaluating(module):
+            return onnx_runner(module, _single_tensor("", example), device)
+    return partial(as_calls(example)[0], module)
+
+
 def _latencies(
     model: nn.Module,
     example: Tensor | ModelCall,
     layers: dict[str, _PlainConv],
     options: dict[str, list[Candidate]],
-) -> tuple[float, dict[str, list[float]]]:
+    runtime: str,
+) -> tuple[float, dict[str, list[float]], Callable[[], Any]]:
     """The whole model's median latency on ``example`` and each candidate's on a random input of the layer's input
-    shape (same device and dtype), timed against the layer's other candidates with :func:`time_interleaved`.
-    Layers of equal configuration and input shape share one measurement."""
-    device = next((t.device for t in as_calls(example)[0].tensors()), torch.device("cpu"))
+    shape (same device and dtype), timed against the layer's other candidates with :func:`time_interleaved`, in
+    ``runtime`` (:data:`LATENCY_RUNTIMES`; ONNX Runtime runs each form's exported graph, checked against eager);
+    and the runner of the whole model (for :func:`_measure_latency`). Layers of equal configuration and input shape
+    share one measurement."""
+    device = _device(example)
     shapes = _layer_shapes(model, example, layers)
     cache: dict[tuple, list[float]] = {}
     result: dict[str, list[float]] = {}
@@ -525,24 +592,69 @@ def _latencies(
         key = (repr(conv), conv.weight.dtype, shapes[name], tuple(c.label for c in options[name]))
         if key not in cache:
             x = torch.randn(shapes[name], generator=generator, device=device).to(conv.weight.dtype)
-            forms: dict[str, nn.Module] = {}
-            for candidate in options[name]:
-                if candidate.method == "dense":
-                    forms[candidate.label] = conv
-                elif candidate.method == "ghost":
-                    forms[candidate.label] = ghost_from_conv(conv, candidate.ratio, GHOST_DW_SIZE, "random", name=name)[
-                        0
-                    ]
-                else:
-                    spec = StructureSpec(candidate.channels, candidate.kernel_size)
-                    forms[candidate.label] = structured_from_dense(conv, spec, name)[0]
-            timed = time_interleaved({label: (lambda m=m, x=x: m(x)) for label, m in forms.items()}, device=device)
+            forms = {candidate.label: _form(conv, candidate, name) for candidate in options[name]}
+            with evaluating(conv):
+                timed = time_interleaved({k: _runner(m, x, runtime, device) for k, m in forms.items()}, device=device)
             cache[key] = [timed[c.label].median_ms for c in options[name]]
         result[name] = cache[key]
-    call = as_calls(example)[0]
+    run = _runner(model, example, runtime, device)
     with evaluating(model):
-        whole = time_interleaved({"model": lambda: call(model)}, device=device)["model"].median_ms
-    return whole, result
+        whole = time_interleaved({"model": run}, device=device)["model"].median_ms
+    return whole, result, run
+
+
+def _device(example: Tensor | ModelCall) -> torch.device:
+    return next((t.device for t in as_calls(example)[0].tensors()), torch.device("cpu"))
+
+
+def _measure_latency(
+    model: nn.Module, example: Tensor | ModelCall, plan: BudgetPlan, runtime: str, dense: Callable[[], Any]
+) -> float:
+    """The planned model's latency as a whole: a copy of ``model`` with each planned layer in its chosen form, timed
+    against the dense model (``dense``, its runner) interleaved, as a fraction of the dense time times
+    ``plan.before["latency_ms"]`` (the units of the plan, free of drift between the two measurements)."""
+    planned = copy_without_hooks(model).eval()
+    for layer in plan.layers:
+        if layer.choice.method != "dense":
+            form = _form(planned.get_submodule(layer.name), layer.choice, layer.name)
+            for name in (layer.name, *layer.aliases):
+                planned.set_submodule(name, form)
+    device = _device(example)
+    run = _runner(planned, example, runtime, device)
+    with evaluating(model):
+        timed = time_interleaved({"model": dense, "planned": run}, device=device)
+    return plan.before["latency_ms"] * timed["planned"].median_ms / timed["model"].median_ms
+
+
+def _meet_measured_latency(
+    model: nn.Module,
+    example: Tensor | ModelCall,
+    plan: BudgetPlan,
+    runtime: str,
+    dense: Callable[[], Any],
+    owner: str,
+) -> None:
+    """Time the planned model as a whole (per-layer latencies need not add up: layout changes between layers,
+    fusions); while it is over the latency budget, add the gap to the latency outside the planned layers and
+    allocate again, up to :data:`LATENCY_ROUNDS` measurements. In place: ``plan.measured_latency_ms`` is the last.
+
+    Raises:
+        ValueError: the last measurement is over the budget by more than :data:`TOLERANCE` of it (or the
+            re-allocation cannot meet it), naming both.
+    """
+    limit = _limits(plan)["latency_ms"]
+    for measurement in range(1, LATENCY_ROUNDS + 1):
+        plan.measured_latency_ms = _measure_latency(model, example, plan, runtime, dense)
+        if plan.measured_latency_ms <= limit or measurement == LATENCY_ROUNDS:
+            break
+        plan.fixed["latency_ms"] += plan.measured_latency_ms - plan.total("latency_ms")
+        _allocate(plan, owner)
+    if plan.measured_latency_ms > limit * (1 + TOLERANCE):
+        raise ValueError(
+            f"{owner}: latency_ms={plan.budgets['latency_ms']:g} was not met as measured: the planned model ran in "
+            f"{plan.measured_latency_ms:.4g} ms as a whole ({plan.total('latency_ms'):.4g} ms predicted from its "
+            f"layers) after {LATENCY_ROUNDS} measurements in {runtime}; ask a larger latency_ms"
+        )
 
 
 def plan_budget(
@@ -559,6 +671,7 @@ def plan_budget(
     skip_first: bool = True,
     skip_last: bool = True,
     channel_multiple: int = 1,
+    latency_runtime: str = "pytorch",
 ) -> BudgetPlan:
     """Plan per-layer methods and hyper-parameters that meet every budget given with the least total sensitivity;
     the model is not changed (see :func:`compress_to_budget`, which plans and applies, for the arguments and the
@@ -586,6 +699,7 @@ def plan_budget(
         skip_first,
         skip_last,
         channel_multiple,
+        latency_runtime,
     )
     return plan
 
@@ -626,6 +740,7 @@ def check_budget_reachable(
         skip_first,
         skip_last,
         channel_multiple,
+        "pytorch",
         score=False,
     )
 
@@ -642,6 +757,7 @@ def _plan(
     skip_first: bool,
     skip_last: bool,
     channel_multiple: int,
+    latency_runtime: str,
     score: bool = True,
 ) -> tuple[BudgetPlan, dict[str, Tensor]]:
     """The plan of :func:`plan_budget` and the first images of each Ghost-planned layer's input (for the fits of
@@ -659,6 +775,7 @@ def _plan(
         skip_first,
         skip_last,
         channel_multiple,
+        latency_runtime,
     )
     before_counts = count_complexity(model, example_input=_first(example_input))  # per example: MACs scale with it
     allowed, skipped, entries = _selection(model, methods, include, exclude, skip_first, skip_last, example_input)
@@ -734,7 +851,7 @@ def _plan(
 
     before: dict[str, float] = {"macs": before_counts.macs, "params": before_counts.params}
     if "latency_ms" in asked:
-        whole, times = _latencies(model, example_input, layers, options)
+        whole, times, dense_run = _latencies(model, example_input, layers, options, latency_runtime)
         before["latency_ms"] = whole
         for name in layers:
             options[name] = [replace(c, latency_ms=t) for c, t in zip(options[name], times[name], strict=True)]
@@ -743,8 +860,10 @@ def _plan(
         for name, conv in layers.items()
     ]
     fixed = {key: before[key] - sum(layer.candidates[0].cost(key) for layer in planned) for key in before}
-    plan = BudgetPlan(planned, asked, before, fixed, skipped, channel_multiple)
+    plan = BudgetPlan(planned, asked, before, fixed, skipped, channel_multiple, latency_runtime)
     _allocate(plan, owner)
+    if "latency_ms" in asked:
+        _meet_measured_latency(model, example_input, plan, latency_runtime, dense_run, owner)
     return plan, scorer.inputs
 
 
@@ -900,6 +1019,7 @@ def compress_to_budget(
     skip_first: bool = True,
     skip_last: bool = True,
     channel_multiple: int = 1,
+    latency_runtime: str = "pytorch",
 ) -> BudgetResult:
     """Convert each selected plain conv (``nn.Conv1d/2d/3d``) of ``model`` to the Ghost, structured or dense form that,
     all layers together, meets every budget given with the least total sensitivity; in place, atomically. Transposed
@@ -911,7 +1031,14 @@ def compress_to_budget(
     one lands in that band and the others below their limits). ``latency_ms``, the whole model's
     latency in ms on ``example_input`` (its device and batch): the dense model's median time, minus each planned
     layer's, plus its chosen candidate's (each timed alone on a random input of the layer's input shape, with
-    :func:`~lightning_cheapconv.deploy.time_interleaved`; layers are assumed to add up).
+    :func:`~lightning_cheapconv.deploy.time_interleaved`), measured in ``latency_runtime``: ``"pytorch"`` (eager) or
+    ``"onnxruntime"`` (every form and the whole model exported with ``torch.onnx.export(dynamo=True)`` and run in ONNX
+    Runtime, as ``optimize_for_inference(runtime="onnxruntime")`` runs them; ``example_input`` must then be one
+    tensor; needs the ``export`` extra; about a second per exported candidate form on a CPU). Per-layer times need
+    not add up (layout changes between layers, fusions), so the planned model is then timed as a whole against the
+    dense one (random weights in the chosen forms): while it is over the budget, the gap joins the latency outside
+    the planned layers and the layers are allocated again, up to :data:`LATENCY_ROUNDS` measurements; a plan still
+    over by more than :data:`TOLERANCE` of the budget is refused. ``BudgetPlan.measured_latency_ms`` is the last.
 
     Candidates per layer, selection (``include``/``exclude`` globs, ``skip_first``/``skip_last``, layers whose
     weights are used elsewhere) as :func:`~lightning_cheapconv.convert.select_layers` does it for each of
@@ -935,10 +1062,12 @@ def compress_to_budget(
     Raises:
         ValueError: naming the argument, its value and the valid range (``macs``/``params`` in ``(0, 1]``,
             ``latency_ms`` > 0, at least one budget, ``methods`` a non-empty sequence of ``"ghost"``/``"structured"``,
-            ``channel_multiple`` an int >= 1, bools as bools, glob patterns, a finite ``calibration`` batch that runs
-            through the model); no layer to plan (each selected layer's reason listed: a transposed conv's is
-            :data:`TRANSPOSED_REASON`); a budget that cannot be met even with every layer at its cheapest candidate,
-            naming the smallest reachable value.
+            ``channel_multiple`` an int >= 1, ``latency_runtime`` one of :data:`LATENCY_RUNTIMES` (and
+            ``"onnxruntime"`` only with ``latency_ms`` and a one-tensor ``example_input``), bools as bools, glob
+            patterns, a finite ``calibration`` batch that runs through the model); no layer to plan (each selected
+            layer's reason listed: a transposed conv's is :data:`TRANSPOSED_REASON`); a budget that cannot be met
+            even with every layer at its cheapest candidate, naming the smallest reachable value.
+        ImportError: ``latency_runtime="onnxruntime"`` without onnx, onnxscript and onnxruntime installed.
 
     Example::
 
@@ -961,5 +1090,6 @@ def compress_to_budget(
         skip_first,
         skip_last,
         channel_multiple,
+        latency_runtime,
     )
     return apply_budget_plan(model, plan, calibration, inputs, owner)

@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -33,6 +34,17 @@ from .calls import ModelCall, as_calls, tensors_in
 from .validation import check_instance
 
 __all__ = ["evaluating", "run_example", "module_names", "find_weight_reuse"]
+
+
+def copy_without_hooks(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with none of its hooks: bound-method hooks (a Lightning callback's) would otherwise be
+    copied with their owners (and a Trainer) inside. ``LightningModule`` drops its Trainer reference when copied."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for key, value in vars(module).items():
+            if "hooks" in key and isinstance(value, dict):
+                memo[id(value)] = type(value)()
+    return copy.deepcopy(model, memo)
 
 
 @contextmanager

@@ -23,6 +23,7 @@ from lightning_cheapconv.budget import (
     compress_to_budget,
     plan_budget,
 )
+from lightning_cheapconv.calls import ModelCall
 from lightning_cheapconv.checkpoint import restructure
 from lightning_cheapconv.complexity import count_complexity
 from lightning_cheapconv.deploy import Latency
@@ -197,6 +198,11 @@ def test_failure_while_converting_leaves_the_model_unchanged(resnet20: nn.Module
         ({"macs": 0.5, "channel_multiple": 0}, r"channel_multiple=0 is out of range; valid range is >= 1"),
         ({"macs": 0.5, "channel_multiple": 8.0}, r"channel_multiple=8\.0 is out of range"),
         ({"macs": 0.5, "channel_multiple": True}, r"channel_multiple=True is out of range"),
+        (
+            {"latency_ms": 5.0, "latency_runtime": "tensorrt"},
+            r"latency_runtime='tensorrt' is not valid; valid values are 'pytorch' and 'onnxruntime'",
+        ),
+        ({"macs": 0.5, "latency_runtime": "onnxruntime"}, r"latency_runtime='onnxruntime' is where latency_ms is "),
     ],
 )
 def test_bad_arguments_raise_before_anything_changes(resnet20: nn.Module, kwargs: dict, match: str) -> None:
@@ -293,6 +299,7 @@ def test_latency_budget_with_a_stubbed_timer(resnet20: nn.Module, monkeypatch) -
         return {label: Latency((ms,)) for label, ms in times.items()}
 
     monkeypatch.setattr(budget_module, "time_interleaved", fake_timer)
+    monkeypatch.setattr(budget_module, "_measure_latency", _layers_add_up)
     model = copy.deepcopy(resnet20)
     plan = plan_budget(model, _images(1, 32), latency_ms=12.0, calibration=_images(2, 32))
     assert plan.before["latency_ms"] == 20.0 and plan.fixed["latency_ms"] == pytest.approx(2.0)
@@ -305,6 +312,115 @@ def test_latency_budget_with_a_stubbed_timer(resnet20: nn.Module, monkeypatch) -
 
     both = plan_budget(model, _images(1, 32), latency_ms=12.0, macs=0.45, calibration=_images(2, 32))
     assert both.total("latency_ms") <= 12.0 and both.fraction("macs") <= 0.45
+
+
+def test_onnxruntime_latency_times_every_form_and_the_whole_model_there(monkeypatch) -> None:
+    """With latency_runtime="onnxruntime" each candidate form of each distinct layer and the whole model are run
+    through onnx_runner (stubbed: it records what it exports) and those runners are what is timed."""
+    exported: list[tuple[str, tuple[int, ...]]] = []
+
+    def fake_runner(module: nn.Module, x: torch.Tensor, device: object) -> object:
+        exported.append((type(module).__name__, tuple(x.shape)))
+        return lambda: ("ort", type(module).__name__)
+
+    timed: list[set] = []
+
+    def fake_timer(candidates, *args, **kwargs):
+        timed.append({fn()[1] for fn in candidates.values()})  # every timed callable is an ONNX Runtime runner
+        return {label: Latency((1.0 if label in ("dense", "model") else 0.5,)) for label in candidates}
+
+    monkeypatch.setattr(budget_module, "onnx_runner", fake_runner)
+    monkeypatch.setattr(budget_module, "time_interleaved", fake_timer)
+    torch.manual_seed(0)
+    model = _Narrow().train()
+    snapshot = _snapshot(model)
+    plan = plan_budget(
+        model, _images(2, 8), latency_ms=2.5, latency_runtime="onnxruntime", methods="ghost", calibration=_images(2, 8)
+    )
+    # narrow: dense + Ghost s=2, 3, 4; wide: the same; then the whole model on the 2-image example, and the planned
+    # copy of it (measured against it once: the stub's times add up).
+    per_layer = ["Conv2d", "GhostConv2d", "GhostConv2d", "GhostConv2d"]
+    assert exported == [*((n, (2, 16, 8, 8)) for n in per_layer * 2), *[("_Narrow", (2, 3, 8, 8))] * 2]
+    assert timed == [{"Conv2d", "GhostConv2d"}] * 2 + [{"_Narrow"}] * 2
+    assert plan.latency_runtime == "onnxruntime" and plan.total("latency_ms") <= 2.5
+    assert "latency ms, ONNX Runtime" in str(plan)
+    _assert_unchanged(model, snapshot)  # weights and every module's training flag
+
+
+def test_onnxruntime_latency_plan_end_to_end() -> None:
+    """The real exports and sessions: a plan whose latencies come from ONNX Runtime, the model untouched."""
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = _Narrow().train()
+    snapshot = _snapshot(model)
+    plan = plan_budget(
+        model,
+        _images(2, 8),
+        latency_ms=1e3,
+        latency_runtime="onnxruntime",
+        methods="ghost",
+        include="wide",
+        calibration=_images(2, 8),
+    )
+    assert [len(layer.candidates) for layer in plan.layers] == [4]
+    assert all(c.latency_ms is not None and c.latency_ms > 0 for c in plan.layers[0].candidates)
+    assert plan.before["latency_ms"] > 0 and plan.measured_latency_ms is not None  # the planned model, as a whole
+    _assert_unchanged(model, snapshot)
+    call = ModelCall((_images(2, 8), _images(2, 8)))
+    with pytest.raises(ValueError, match="latency_runtime='onnxruntime' exports the whole model on its example input"):
+        plan_budget(model, call, latency_ms=1.0, latency_runtime="onnxruntime")
+
+
+def _layers_add_up(model: nn.Module, example: object, plan: BudgetPlan, runtime: str, dense: object) -> float:
+    """A whole-model measurement that equals the plan's prediction (stands in for ``budget._measure_latency``)."""
+    return plan.total("latency_ms")
+
+
+def _stub_layer_ms(candidates, *args, **kwargs):
+    """Dense layers 1 ms, Ghost 1/s ms, structured 0.8 ms, the whole dense model 20 ms."""
+    ms = {"model": 20.0, "dense": 1.0}
+    return {
+        k: Latency((ms.get(k, 1.0 / int(k.removeprefix("ghost s=")) if k.startswith("ghost") else 0.8),))
+        for k in candidates
+    }
+
+
+@pytest.mark.parametrize(
+    ("measured", "rounds", "refused"),
+    [
+        (lambda layers, n: layers + 2.0 + 3.0, 2, None),  # 3 ms more than the layers add up to: allocated again
+        (lambda layers, n: layers + 2.0, 1, None),  # they add up: measured once
+        (lambda layers, n: layers + 2.0 + n, 3, "was not met as measured"),  # a gap that grows with each measurement
+    ],
+    ids=["constant-gap", "additive", "never-met"],
+)
+def test_latency_plan_measured_as_a_whole_and_allocated_again_while_over(
+    resnet20: nn.Module, monkeypatch, measured, rounds: int, refused: str | None
+) -> None:
+    """The planned model's whole latency (stubbed: a function of the chosen layers' stub times, 2 ms outside them)
+    decides: while over the 12 ms budget the gap joins the fixed part and the layers are allocated again, up to
+    LATENCY_ROUNDS measurements; over by more than TOLERANCE after them is refused."""
+    seen: list[float] = []
+
+    def whole(model, example, plan, runtime, dense):
+        seen.append(measured(sum(layer.choice.latency_ms for layer in plan.layers), len(seen) + 1))
+        return seen[-1]
+
+    monkeypatch.setattr(budget_module, "time_interleaved", _stub_layer_ms)
+    monkeypatch.setattr(budget_module, "_measure_latency", whole)
+    model = copy.deepcopy(resnet20)
+    snapshot = _snapshot(model)
+    if refused is not None:
+        with pytest.raises(ValueError, match=rf"latency_ms=12 {refused}: the planned model ran in 1\d\.\d+ ms"):
+            compress_to_budget(model, _images(1, 32), latency_ms=12.0, calibration=_images(2, 32))
+        _assert_unchanged(model, snapshot)
+        assert len(seen) == budget_module.LATENCY_ROUNDS == rounds
+        return
+    plan = plan_budget(model, _images(1, 32), latency_ms=12.0, calibration=_images(2, 32))
+    assert len(seen) == rounds and plan.measured_latency_ms == seen[-1] <= 12.0
+    assert plan.fixed["latency_ms"] == pytest.approx(2.0 + (3.0 if rounds == 2 else 0.0))
+    assert plan.total("latency_ms") == pytest.approx(plan.measured_latency_ms)  # the prediction now includes the gap
+    assert ", " + f"{plan.measured_latency_ms:.3g} measured" in str(plan)
 
 
 def test_allocation_fills_back_what_the_descent_overshot() -> None:

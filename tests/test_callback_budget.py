@@ -176,6 +176,10 @@ def test_budget_arguments_refused() -> None:
         StructuredConvCallback(target_macs=0.5, channel_multiple=16.0)
     with pytest.warns(UserWarning, match=r"channel_multiple=16 has no effect without a budget"):
         GhostConvCallback(channel_multiple=16)
+    with pytest.raises(MisconfigurationException, match=r"latency_runtime='onnxruntime' is where target_latency_ms"):
+        BudgetConvCallback(target_macs=0.5, latency_runtime="onnxruntime")
+    with pytest.raises(MisconfigurationException, match=r"latency_runtime='ort' is not valid; valid values are"):
+        StructuredConvCallback(target_latency_ms=5.0, latency_runtime="ort")
 
 
 def _fits_the_multiple(choice: dict[str, Any], in_channels: int, out_channels: int, multiple: int) -> bool:
@@ -325,6 +329,8 @@ def stub_timing(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
 
     monkeypatch.setattr(budget_module, "time_interleaved", fake_timer)
     monkeypatch.setattr(budget_module, "plan_budget", recording_plan_budget)
+    # The planned model as a whole takes what its layers add up to.
+    monkeypatch.setattr(budget_module, "_measure_latency", lambda model, example, plan, *args: plan.total("latency_ms"))
     return seen
 
 
@@ -358,6 +364,30 @@ def test_latency_budget_met_by_the_plans_predicted_total(
     converted = {n for n, c in callback.budget_plan.items() if c["method"] != "dense"}
     assert converted == {layer.name for layer in plan.layers if layer.choice.method != "dense"} and converted
     assert {n for n in USER_TARGETS if isinstance(model.get_submodule(n), kind)} == converted
+
+
+def test_latency_budget_measured_in_onnxruntime(project: Any) -> None:
+    """``latency_runtime="onnxruntime"``: the plan's latencies come from ONNX Runtime sessions on the exported forms
+    and the exported LightningModule (real exports: 3 layers x dense and Ghost s = 2, 3, 4, the model and its planned
+    copy, exported without the Trainer)."""
+    pytest.importorskip("onnxruntime")
+    project.lp.seed_everything(0)
+    model = project.Model(scheduler="none")
+    callback = GhostConvCallback(start_epoch=1, verbose=0, target_latency_ms=1e3, latency_runtime="onnxruntime")
+    exported: list[str] = []
+    real_runner = budget_module.onnx_runner
+
+    def recording_runner(module: nn.Module, *args: Any) -> Any:
+        exported.append(type(module).__name__)
+        return real_runner(module, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(budget_module, "onnx_runner", recording_runner)
+        user_trainer(project.lp, max_epochs=2, callbacks=[callback]).fit(model, datamodule=project.DataModule())
+    # Then the model, and its planned copy (all dense here) timed against it as a whole.
+    assert exported == ["Conv2d", "GhostConv2d", "GhostConv2d", "GhostConv2d"] * 3 + ["UserModel"] * 2
+    # 1 s per batch is met by the dense model: the plan keeps every layer dense.
+    assert {n: c["method"] for n, c in callback.budget_plan.items()} == dict.fromkeys(USER_TARGETS, "dense")
 
 
 @pytest.mark.parametrize(

@@ -48,10 +48,14 @@ def _choices(plan: Any, names: Sequence[str]) -> dict[str, dict[str, Any]]:
     return result
 
 
-def _budget_arguments(budgets: dict[str, float], channel_multiple: int) -> str:
-    """The budget arguments as a callback is given them (``channel_multiple`` when not 1), for messages."""
+_PLAN_DEFAULTS: dict[str, Any] = {"channel_multiple": 1, "latency_runtime": "pytorch"}
+"""The planning options of the budget callbacks (passed to :func:`lightning_cheapconv.plan_budget`), by default."""
+
+
+def _budget_arguments(budgets: dict[str, float], options: dict[str, Any]) -> str:
+    """The budget arguments as a callback is given them (planning options where not the default), for messages."""
     asked = [f"target_{k}={v:g}" for k, v in budgets.items()]
-    return ", ".join(asked + ([f"channel_multiple={channel_multiple}"] if channel_multiple != 1 else []))
+    return ", ".join(asked + [f"{k}={v!r}" for k, v in options.items() if v != _PLAN_DEFAULTS.get(k)])
 
 
 def _loss_factor(trainer: Trainer) -> float:
@@ -129,12 +133,21 @@ class CheapConvCallback(Callback):
         self._state_before: dict[str, Any] | None = None  # the module as fit received it, while a refusal may come
         self._batches_seen = 0  # training batches of this fit
 
-    def _init_budget(self, target_macs: Any, target_params: Any, target_latency_ms: Any, channel_multiple: Any) -> None:
+    def _init_budget(
+        self, target_macs: Any, target_params: Any, target_latency_ms: Any, channel_multiple: Any, latency_runtime: Any
+    ) -> None:
         """Check the budget arguments: ``target_macs``/``target_params`` fractions in ``(0, 1]``, ``target_latency_ms``
-        > 0 (each optional), ``channel_multiple`` an int >= 1."""
+        > 0 (each optional), ``channel_multiple`` an int >= 1, ``latency_runtime`` ``"pytorch"`` or
+        ``"onnxruntime"`` (only with ``target_latency_ms``; ONNX Runtime installed)."""
+        from ..budget import LATENCY_RUNTIMES  # noqa: PLC0415 - budget imports the deploy timing code
+        from ..deploy.onnx_runtime import require_onnxruntime  # noqa: PLC0415
+
         who, error = type(self).__name__, MisconfigurationException
         self.target_macs, self.target_params, self.target_latency_ms = target_macs, target_params, target_latency_ms
         self.channel_multiple = check_int("channel_multiple", channel_multiple, 1, owner=who, error=error)
+        self.latency_runtime = check_choice(
+            "latency_runtime", latency_runtime, LATENCY_RUNTIMES, owner=who, error=error
+        )
         for key, value in (("macs", target_macs), ("params", target_params)):
             if value is not None:
                 maximum = 1.0
@@ -150,9 +163,20 @@ class CheapConvCallback(Callback):
                 f"{who}: channel_multiple={self.channel_multiple} has no effect without a budget (target_macs, "
                 "target_params or target_latency_ms): it restricts the channel counts a budget plan may choose"
             )
+        if self.latency_runtime != "pytorch":
+            if "latency_ms" not in self.budgets:
+                raise MisconfigurationException(
+                    f"{who}: latency_runtime={self.latency_runtime!r} is where target_latency_ms is measured, and no "
+                    "target_latency_ms was given; pass target_latency_ms (> 0) or leave latency_runtime='pytorch'"
+                )
+            require_onnxruntime(f"{who}(latency_runtime='onnxruntime')")
+
+    def _plan_options(self) -> dict[str, Any]:
+        """The planning options given to :func:`lightning_cheapconv.plan_budget` (see :data:`_PLAN_DEFAULTS`)."""
+        return {"channel_multiple": self.channel_multiple, "latency_runtime": self.latency_runtime}
 
     def _budget_arguments(self) -> str:
-        return _budget_arguments(self.budgets, self.channel_multiple)
+        return _budget_arguments(self.budgets, self._plan_options())
 
     def _init_distill(self, distill: Any, weight: Any, logits: Any, temperature: Any) -> None:
         """Check the distillation arguments and keep them (see :mod:`lightning_cheapconv.callbacks.distill`)."""
@@ -219,7 +243,7 @@ class CheapConvCallback(Callback):
                         include=list(self.todo),
                         skip_first=False,
                         skip_last=False,
-                        channel_multiple=self.channel_multiple,
+                        **self._plan_options(),
                         **{k: v for k, v in self.budgets.items()},
                     )
                     choices = _choices(plan, self.todo)
@@ -640,7 +664,7 @@ class CheapConvCallback(Callback):
             state["budget_plan"] = self.budget_plan
             state["budgets"] = dict(self.budgets)
             state["budget_methods"] = list(self._budget_methods())
-            state["channel_multiple"] = self.channel_multiple
+            state["plan_options"] = self._plan_options()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -649,9 +673,9 @@ class CheapConvCallback(Callback):
             methods = list(self._budget_methods())
             saved_budgets = state_dict.get("budgets", self.budgets)
             saved_methods = state_dict.get("budget_methods", methods)
-            saved_multiple = state_dict.get("channel_multiple", 1)
-            changed = (saved_budgets, saved_methods, saved_multiple) != (self.budgets, methods, self.channel_multiple)
-            made_for = f"the checkpoint's budget plan, made for {_budget_arguments(saved_budgets, saved_multiple)}, "
+            saved_options = {**_PLAN_DEFAULTS, **state_dict.get("plan_options", {})}
+            changed = (saved_budgets, saved_methods, saved_options) != (self.budgets, methods, self._plan_options())
+            made_for = f"the checkpoint's budget plan, made for {_budget_arguments(saved_budgets, saved_options)}, "
             asks = f"{self._budget_arguments()}, methods={methods}"
             if self._evaluating is not None:
                 if changed:

@@ -60,6 +60,9 @@ class BudgetConvCallback(ProjectedLayers, GhostConvCallback):
         channel_multiple: plan only candidates whose new channel counts (structured ``c``, unless ``c = C``; Ghost
             intrinsic maps) are multiples of it (an int >= 1; 1 = the whole grid): 16 suits ONNX Runtime on AVX-512
             CPUs, 8 on AVX2 (BENCHMARKS.md, table 3b; on narrow layers it raises the smallest reachable budget).
+        latency_runtime: where ``target_latency_ms`` is measured: ``"pytorch"`` (eager) or ``"onnxruntime"`` (each
+            candidate form and the whole model exported to ONNX and timed in ONNX Runtime; about a second per exported
+            form; needs the ``export`` extra and a ``forward`` that takes one tensor).
         include, exclude: glob patterns on qualified layer names.
         calibration_batches: training batches whose forward inputs fit the Ghost inheritance on real activations and
             re-estimate the BatchNorm statistics after each stage (0: kernel-space fit, statistics left to training);
@@ -95,6 +98,7 @@ class BudgetConvCallback(ProjectedLayers, GhostConvCallback):
         target_params: float | None = None,
         target_latency_ms: float | None = None,
         channel_multiple: int = 1,
+        latency_runtime: str = "pytorch",
         methods: str | Sequence[str] = METHODS,
         include: Patterns = None,
         exclude: Patterns = None,
@@ -132,6 +136,7 @@ class BudgetConvCallback(ProjectedLayers, GhostConvCallback):
             target_params=target_params,
             target_latency_ms=target_latency_ms,
             channel_multiple=channel_multiple,
+            latency_runtime=latency_runtime,
             distill=distill,
             distill_weight=distill_weight,
             distill_logits=distill_logits,

@@ -47,7 +47,6 @@ Example::
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -61,6 +60,7 @@ from torch.utils.hooks import RemovableHandle
 from ..calls import ModelCall
 from ..checkpoint import restructure
 from ..convert import DENSE_TYPES
+from ..reuse import copy_without_hooks
 from ..validation import check_bool, check_finite_number
 
 __all__ = ["Distiller", "check_distill_arguments", "feature_distill_loss", "logit_distill_loss", "normalizing_like"]
@@ -151,17 +151,6 @@ def check_distill_arguments(
     return distill, float(weight), logits, float(temperature)
 
 
-def _copy_without_hooks(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with none of its hooks: the callbacks' bound-method hooks would otherwise be copied
-    with their callbacks (and their Trainer) inside. ``LightningModule`` drops its Trainer reference when copied."""
-    memo: dict[int, Any] = {}
-    for module in model.modules():
-        for key, value in vars(module).items():
-            if "hooks" in key and isinstance(value, dict):
-                memo[id(value)] = type(value)()
-    return copy.deepcopy(model, memo)
-
-
 class Distiller:
     """The teacher and the hooks that add ``weight · (L_feat + L_kd)`` to a student's gradients (module docstring).
 
@@ -193,7 +182,7 @@ class Distiller:
         """Keep a frozen copy of ``model`` as it is now (eval mode, no gradients), unless one is kept already."""
         if self.teacher is not None:
             return
-        teacher = _copy_without_hooks(model)
+        teacher = copy_without_hooks(model)
         teacher.eval()
         teacher.requires_grad_(False)
         self.teacher, self._saved_state = teacher, None
@@ -213,7 +202,7 @@ class Distiller:
     def _build(self, model: nn.Module) -> None:
         """Rebuild the teacher saved in a checkpoint: a copy of ``model``, restructured to the saved state dict."""
         if self.teacher is None and self._saved_state is not None:
-            teacher = _copy_without_hooks(model)
+            teacher = copy_without_hooks(model)
             restructure(teacher, self._saved_state)
             teacher.load_state_dict(self._saved_state)
             teacher.eval()

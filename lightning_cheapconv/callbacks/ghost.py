@@ -88,6 +88,9 @@ class GhostConvCallback(CheapConvCallback):
         channel_multiple: with a budget, plan only Ghost modules whose intrinsic maps ``ceil(C_out / s)`` are a
             multiple of it (an int >= 1; 1 = every ``s``): 16 suits ONNX Runtime on AVX-512 CPUs, 8 on AVX2 (see
             :func:`lightning_cheapconv.compress_to_budget`).
+        latency_runtime: where ``target_latency_ms`` is measured: ``"pytorch"`` (eager) or ``"onnxruntime"`` (each
+            candidate form and the whole model exported to ONNX and timed in ONNX Runtime; about a second per exported
+            form; needs the ``export`` extra and a ``forward`` that takes one tensor).
         distill: distil from the network as it was right before the first conversion (a frozen copy in eval mode, kept
             in the callback state) for the rest of fit: each converted layer's output is matched to the original layer's
             output on the same input (``‖s - t‖² / ‖t‖²``), and with ``distill_logits`` the network's output (``T² ·
@@ -137,6 +140,7 @@ class GhostConvCallback(CheapConvCallback):
         target_params: float | None = None,
         target_latency_ms: float | None = None,
         channel_multiple: int = 1,
+        latency_runtime: str = "pytorch",
         distill: bool = False,
         distill_weight: float = 1.0,
         distill_logits: bool = False,
@@ -144,7 +148,7 @@ class GhostConvCallback(CheapConvCallback):
     ) -> None:
         super().__init__(include, exclude, skip_first, skip_last, order, verbose)
         who, error = type(self).__name__, MisconfigurationException
-        self._init_budget(target_macs, target_params, target_latency_ms, channel_multiple)
+        self._init_budget(target_macs, target_params, target_latency_ms, channel_multiple, latency_runtime)
         self._init_distill(distill, distill_weight, distill_logits, distill_temperature)
         if self.budgets and dw_size != 3:
             raise MisconfigurationException(

@@ -99,6 +99,9 @@ class StructuredConvCallback(ProjectedLayers):
         channel_multiple: with a budget, plan only hidden channel counts ``c`` that are a multiple of it (or ``C``
             itself; an int >= 1, 1 = the whole grid): 16 suits ONNX Runtime on AVX-512 CPUs, 8 on AVX2 (see
             :func:`lightning_cheapconv.compress_to_budget`; on narrow layers it raises the smallest reachable budget).
+        latency_runtime: where ``target_latency_ms`` is measured: ``"pytorch"`` (eager) or ``"onnxruntime"`` (each
+            candidate form and the whole model exported to ONNX and timed in ONNX Runtime; about a second per exported
+            form; needs the ``export`` extra and a ``forward`` that takes one tensor).
         distill: distil from the network as it was right before the first projection stage (a frozen copy in eval mode,
             kept in the callback state) for the rest of fit: each converted layer's output is matched to the original
             layer's output on the same input (``‖s - t‖² / ‖t‖²``), and with ``distill_logits`` the network's output
@@ -149,6 +152,7 @@ class StructuredConvCallback(ProjectedLayers):
         target_params: float | None = None,
         target_latency_ms: float | None = None,
         channel_multiple: int = 1,
+        latency_runtime: str = "pytorch",
         distill: bool = False,
         distill_weight: float = 1.0,
         distill_logits: bool = False,
@@ -156,7 +160,7 @@ class StructuredConvCallback(ProjectedLayers):
     ) -> None:
         super().__init__(include, exclude, skip_first, skip_last, project_order, verbose, "project_order")
         who, error = type(self).__name__, MisconfigurationException
-        self._init_budget(target_macs, target_params, target_latency_ms, channel_multiple)
+        self._init_budget(target_macs, target_params, target_latency_ms, channel_multiple, latency_runtime)
         self._init_distill(distill, distill_weight, distill_logits, distill_temperature)
         check_finite_number("channel_ratio", channel_ratio, 0.0, 1.0, exclusive_minimum=True, owner=who, error=error)
         try:
