@@ -43,6 +43,7 @@ Example::
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
@@ -112,7 +113,7 @@ table 3b."""
 METHODS = ("ghost", "structured")
 BUDGETS = ("macs", "params", "latency_ms")
 LATENCY_RUNTIMES = ("pytorch", "onnxruntime")
-LATENCY_ROUNDS = 3
+LATENCY_ROUNDS = 4
 """Whole-model measurements of a latency plan: while the planned model, timed as a whole against the dense one, is
 over the budget, the gap is added to the latency outside the planned layers and the layers are allocated again."""
 """Where a ``latency_ms`` budget is measured: PyTorch eager, or ONNX Runtime on each form's
@@ -637,10 +638,12 @@ def _meet_measured_latency(
     """Time the planned model as a whole (per-layer latencies need not add up: layout changes between layers,
     fusions); while it is over the latency budget, add the gap to the latency outside the planned layers and
     allocate again, up to :data:`LATENCY_ROUNDS` measurements. In place: ``plan.measured_latency_ms`` is the last.
+    The last plan stands; a warning names it when its measurement is still over the budget by more than
+    :data:`TOLERANCE` of it (timings of a busy machine vary by several percent, and the gap between per-layer and
+    whole-model time changes with the plan).
 
     Raises:
-        ValueError: the last measurement is over the budget by more than :data:`TOLERANCE` of it (or the
-            re-allocation cannot meet it), naming both.
+        ValueError: the re-allocation cannot meet the budget with the measured gap (the smallest reachable value).
     """
     limit = _limits(plan)["latency_ms"]
     for measurement in range(1, LATENCY_ROUNDS + 1):
@@ -650,10 +653,12 @@ def _meet_measured_latency(
         plan.fixed["latency_ms"] += plan.measured_latency_ms - plan.total("latency_ms")
         _allocate(plan, owner)
     if plan.measured_latency_ms > limit * (1 + TOLERANCE):
-        raise ValueError(
+        warnings.warn(
             f"{owner}: latency_ms={plan.budgets['latency_ms']:g} was not met as measured: the planned model ran in "
             f"{plan.measured_latency_ms:.4g} ms as a whole ({plan.total('latency_ms'):.4g} ms predicted from its "
-            f"layers) after {LATENCY_ROUNDS} measurements in {runtime}; ask a larger latency_ms"
+            f"layers) after {LATENCY_ROUNDS} measurements in {runtime}; the plan stands (its table shows both). "
+            "Ask a smaller latency_ms for a margin, or time on an idle machine",
+            stacklevel=3,
         )
 
 
@@ -1038,7 +1043,8 @@ def compress_to_budget(
     not add up (layout changes between layers, fusions), so the planned model is then timed as a whole against the
     dense one (random weights in the chosen forms): while it is over the budget, the gap joins the latency outside
     the planned layers and the layers are allocated again, up to :data:`LATENCY_ROUNDS` measurements; a plan still
-    over by more than :data:`TOLERANCE` of the budget is refused. ``BudgetPlan.measured_latency_ms`` is the last.
+    over by more than :data:`TOLERANCE` of the budget stands with a warning. ``BudgetPlan.measured_latency_ms`` is
+    the last measurement.
 
     Candidates per layer, selection (``include``/``exclude`` globs, ``skip_first``/``skip_last``, layers whose
     weights are used elsewhere) as :func:`~lightning_cheapconv.convert.select_layers` does it for each of

@@ -390,7 +390,7 @@ def _stub_layer_ms(candidates, *args, **kwargs):
     [
         (lambda layers, n: layers + 2.0 + 3.0, 2, None),  # 3 ms more than the layers add up to: allocated again
         (lambda layers, n: layers + 2.0, 1, None),  # they add up: measured once
-        (lambda layers, n: layers + 2.0 + n, 3, "was not met as measured"),  # a gap that grows with each measurement
+        (lambda layers, n: 13.0, 4, "was not met as measured"),  # 13 ms whatever is planned
     ],
     ids=["constant-gap", "additive", "never-met"],
 )
@@ -399,7 +399,7 @@ def test_latency_plan_measured_as_a_whole_and_allocated_again_while_over(
 ) -> None:
     """The planned model's whole latency (stubbed: a function of the chosen layers' stub times, 2 ms outside them)
     decides: while over the 12 ms budget the gap joins the fixed part and the layers are allocated again, up to
-    LATENCY_ROUNDS measurements; over by more than TOLERANCE after them is refused."""
+    LATENCY_ROUNDS measurements; over by more than TOLERANCE after them, the last plan stands with a warning."""
     seen: list[float] = []
 
     def whole(model, example, plan, runtime, dense):
@@ -411,10 +411,11 @@ def test_latency_plan_measured_as_a_whole_and_allocated_again_while_over(
     model = copy.deepcopy(resnet20)
     snapshot = _snapshot(model)
     if refused is not None:
-        with pytest.raises(ValueError, match=rf"latency_ms=12 {refused}: the planned model ran in 1\d\.\d+ ms"):
-            compress_to_budget(model, _images(1, 32), latency_ms=12.0, calibration=_images(2, 32))
+        with pytest.warns(UserWarning, match=rf"latency_ms=12 {refused}: the planned model ran in 13 ms as a whole"):
+            plan = plan_budget(model, _images(1, 32), latency_ms=12.0, calibration=_images(2, 32))
         _assert_unchanged(model, snapshot)
-        assert len(seen) == budget_module.LATENCY_ROUNDS == rounds
+        assert len(seen) == budget_module.LATENCY_ROUNDS == rounds and plan.measured_latency_ms == 13.0
+        assert plan.fixed["latency_ms"] > 2.0 + 1.0  # each round added its gap
         return
     plan = plan_budget(model, _images(1, 32), latency_ms=12.0, calibration=_images(2, 32))
     assert len(seen) == rounds and plan.measured_latency_ms == seen[-1] <= 12.0
