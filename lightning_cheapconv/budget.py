@@ -113,11 +113,11 @@ table 3b."""
 METHODS = ("ghost", "structured")
 BUDGETS = ("macs", "params", "latency_ms")
 LATENCY_RUNTIMES = ("pytorch", "onnxruntime")
+"""Where a ``latency_ms`` budget is measured: PyTorch eager, or ONNX Runtime on each form's
+``torch.onnx.export(dynamo=True)`` graph (:func:`~lightning_cheapconv.deploy.onnx_runner`)."""
 LATENCY_ROUNDS = 4
 """Whole-model measurements of a latency plan: while the planned model, timed as a whole against the dense one, is
 over the budget, the gap is added to the latency outside the planned layers and the layers are allocated again."""
-"""Where a ``latency_ms`` budget is measured: PyTorch eager, or ONNX Runtime on each form's
-``torch.onnx.export(dynamo=True)`` graph (:func:`~lightning_cheapconv.deploy.onnx_runner`)."""
 PLANNED_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 """The layer types a budget plans: plain convs (and their plain subclasses, as :func:`select_layers` admits them).
 Transposed convs, which the conversions also take, are skipped with :data:`TRANSPOSED_REASON`."""
