@@ -424,6 +424,34 @@ def test_latency_plan_measured_as_a_whole_and_allocated_again_while_over(
     assert ", " + f"{plan.measured_latency_ms:.3g} measured" in str(plan)
 
 
+@pytest.mark.parametrize(("asked", "reachable"), [(5.0, True), (4.0, False)])
+def test_latency_budget_the_layers_call_unreachable_is_measured_as_a_whole_first(
+    resnet20: nn.Module, monkeypatch, asked: float, reachable: bool
+) -> None:
+    """Stub layers (dense 1 ms, Ghost s=4 0.25 ms; 2 ms outside them) say at least 2 + 18 x 0.25 = 6.5 ms; the whole
+    model runs 2 ms faster than its layers add up to (4.5 ms with every layer fastest). 5 ms is planned and met as
+    measured; 4 ms is refused naming the measured 4.5 ms, the model unchanged."""
+    seen: list[float] = []
+
+    def whole(model, example, plan, runtime, dense):
+        seen.append(sum(layer.choice.latency_ms for layer in plan.layers))
+        return seen[-1]
+
+    monkeypatch.setattr(budget_module, "time_interleaved", _stub_layer_ms)
+    monkeypatch.setattr(budget_module, "_measure_latency", whole)
+    model = copy.deepcopy(resnet20)
+    snapshot = _snapshot(model)
+    if not reachable:
+        with pytest.raises(ValueError, match=r"latency_ms=4 cannot be met: the smallest reachable value is 4\.5 ms"):
+            compress_to_budget(model, _images(1, 32), latency_ms=asked, calibration=_images(2, 32))
+        _assert_unchanged(model, snapshot)
+        assert seen == [4.5]  # the fastest plan, measured once
+        return
+    plan = plan_budget(model, _images(1, 32), latency_ms=asked, calibration=_images(2, 32))
+    assert seen[0] == 4.5 and plan.fixed["latency_ms"] == pytest.approx(0.0)
+    assert plan.measured_latency_ms == seen[-1] <= asked and len(seen) == 2
+
+
 def test_allocation_fills_back_what_the_descent_overshot() -> None:
     """The descent takes A's half step first (cheaper per unit saved), then must take B's full step; the fill then
     takes A's step back: 0.5 of the MACs with sensitivity 0.3, where the descent alone stops at 0.25 with 0.4."""
