@@ -635,18 +635,17 @@ def _measure_fastest_when_unreachable(
     model: nn.Module, example: Tensor | ModelCall, plan: BudgetPlan, runtime: str, dense: Callable[[], Any]
 ) -> None:
     """When the layers' own times say the latency budget cannot be met, time the model with every planned layer at
-    its fastest candidate as a whole before refusing: its gap to the layers' sum joins the latency outside them (in
-    place), so a refusal names the measured smallest latency. Per-layer times need not add up (each alone carries
-    its own call overhead; BENCHMARKS.md table 6c compares both), so a budget their sum calls unreachable may be met.
+    its fastest candidate as a whole before refusing; if it runs faster than they add up to (each layer timed alone
+    carries its own call overhead), the difference leaves the latency outside them (in place), so the allocation
+    may meet the budget, or the refusal names the measured value. A whole slower than its layers' sum changes
+    nothing: that plan's layout changes between layers need not hold for other plans (BENCHMARKS.md table 6c).
     The choices are reset to dense afterwards (the allocation starts there)."""
     limit = _limits(plan)["latency_ms"]
-    fastest = [
-        min(range(len(layer.candidates)), key=lambda i: layer.candidates[i].cost("latency_ms")) for layer in plan.layers
-    ]
-    for layer, option in zip(plan.layers, fastest, strict=True):
-        layer.chosen = option
-    if plan.total("latency_ms") > limit:
-        plan.fixed["latency_ms"] += _measure_latency(model, example, plan, runtime, dense) - plan.total("latency_ms")
+    for layer in plan.layers:
+        layer.chosen = min(range(len(layer.candidates)), key=lambda i: layer.candidates[i].cost("latency_ms"))
+    predicted = plan.total("latency_ms")
+    if predicted > limit:
+        plan.fixed["latency_ms"] += min(0.0, _measure_latency(model, example, plan, runtime, dense) - predicted)
     for layer in plan.layers:
         layer.chosen = 0
 

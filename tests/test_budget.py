@@ -424,28 +424,33 @@ def test_latency_plan_measured_as_a_whole_and_allocated_again_while_over(
     assert ", " + f"{plan.measured_latency_ms:.3g} measured" in str(plan)
 
 
-@pytest.mark.parametrize(("asked", "reachable"), [(5.0, True), (4.0, False)])
+@pytest.mark.parametrize(
+    ("asked", "gap", "refused"), [(5.0, -2.0, None), (4.0, -2.0, "4\\.5"), (5.0, 1.0, "6\\.5")], ids=str
+)
 def test_latency_budget_the_layers_call_unreachable_is_measured_as_a_whole_first(
-    resnet20: nn.Module, monkeypatch, asked: float, reachable: bool
+    resnet20: nn.Module, monkeypatch, asked: float, gap: float, refused: str | None
 ) -> None:
     """Stub layers (dense 1 ms, Ghost s=4 0.25 ms; 2 ms outside them) say at least 2 + 18 x 0.25 = 6.5 ms; the whole
-    model runs 2 ms faster than its layers add up to (4.5 ms with every layer fastest). 5 ms is planned and met as
-    measured; 4 ms is refused naming the measured 4.5 ms, the model unchanged."""
+    model runs ``gap`` ms off what its layers add up to. 2 ms faster (4.5 ms with every layer fastest): 5 ms is
+    planned and met as measured, 4 ms refused naming the measured 4.5 ms. 1 ms slower: refused naming the layers'
+    6.5 ms (a slow whole does not make other plans slower). The model unchanged."""
     seen: list[float] = []
 
     def whole(model, example, plan, runtime, dense):
-        seen.append(sum(layer.choice.latency_ms for layer in plan.layers))
+        seen.append(2.0 + gap + sum(layer.choice.latency_ms for layer in plan.layers))
         return seen[-1]
 
     monkeypatch.setattr(budget_module, "time_interleaved", _stub_layer_ms)
     monkeypatch.setattr(budget_module, "_measure_latency", whole)
     model = copy.deepcopy(resnet20)
     snapshot = _snapshot(model)
-    if not reachable:
-        with pytest.raises(ValueError, match=r"latency_ms=4 cannot be met: the smallest reachable value is 4\.5 ms"):
+    if refused is not None:
+        with pytest.raises(ValueError, match=rf"latency_ms={asked:g} cannot be met: the smallest reachable value is "):
             compress_to_budget(model, _images(1, 32), latency_ms=asked, calibration=_images(2, 32))
         _assert_unchanged(model, snapshot)
-        assert seen == [4.5]  # the fastest plan, measured once
+        assert seen == [6.5 + gap]  # the fastest plan, measured once
+        with pytest.raises(ValueError, match=rf"the smallest reachable value is {refused} ms"):
+            plan_budget(model, _images(1, 32), latency_ms=asked, calibration=_images(2, 32))
         return
     plan = plan_budget(model, _images(1, 32), latency_ms=asked, calibration=_images(2, 32))
     assert seen[0] == 4.5 and plan.fixed["latency_ms"] == pytest.approx(0.0)
