@@ -1032,7 +1032,9 @@ def compress_to_budget(
     dense one (random weights in the chosen forms): while it is over the budget, the gap joins the latency outside
     the planned layers and the layers are allocated again, up to :data:`LATENCY_ROUNDS` measurements; a plan still
     over by more than :data:`TOLERANCE` of the budget stands with a warning. ``BudgetPlan.measured_latency_ms`` is
-    the last measurement.
+    the last measurement. A budget the layers' times call unreachable is refused only after the model with every
+    planned layer at its fastest candidate was timed as a whole too (faster than its layers add up to, it lowers
+    the smallest reachable value).
 
     Candidates per layer, selection (``include``/``exclude`` globs, ``skip_first``/``skip_last``, layers whose
     weights are used elsewhere) as :func:`~lightning_cheapconv.convert.select_layers` does it for each of

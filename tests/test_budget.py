@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -385,12 +386,26 @@ def _stub_layer_ms(candidates, *args, **kwargs):
     }
 
 
+def _stub_latencies(monkeypatch: pytest.MonkeyPatch, whole_ms: Callable[[float], float]) -> list[float]:
+    """Layers timed by :func:`_stub_layer_ms`; the planned model as a whole by ``whole_ms(the chosen layers' stub
+    times summed)`` (stands in for ``budget._measure_latency``). Returns the whole-model measurements, in order."""
+    seen: list[float] = []
+
+    def whole(model, example, plan, runtime, dense):
+        seen.append(whole_ms(sum(layer.choice.latency_ms for layer in plan.layers)))
+        return seen[-1]
+
+    monkeypatch.setattr(budget_module, "time_interleaved", _stub_layer_ms)
+    monkeypatch.setattr(budget_module, "_measure_latency", whole)
+    return seen
+
+
 @pytest.mark.parametrize(
     ("measured", "rounds", "refused"),
     [
-        (lambda layers, n: layers + 2.0 + 3.0, 2, None),  # 3 ms more than the layers add up to: allocated again
-        (lambda layers, n: layers + 2.0, 1, None),  # they add up: measured once
-        (lambda layers, n: 13.0, 4, "was not met as measured"),  # 13 ms whatever is planned
+        (lambda layers: layers + 2.0 + 3.0, 2, None),  # 3 ms more than the layers add up to: allocated again
+        (lambda layers: layers + 2.0, 1, None),  # they add up: measured once
+        (lambda layers: 13.0, 4, "was not met as measured"),  # 13 ms whatever is planned
     ],
     ids=["constant-gap", "additive", "never-met"],
 )
@@ -400,14 +415,7 @@ def test_latency_plan_measured_as_a_whole_and_allocated_again_while_over(
     """The planned model's whole latency (stubbed: a function of the chosen layers' stub times, 2 ms outside them)
     decides: while over the 12 ms budget the gap joins the fixed part and the layers are allocated again, up to
     LATENCY_ROUNDS measurements; over by more than TOLERANCE after them, the last plan stands with a warning."""
-    seen: list[float] = []
-
-    def whole(model, example, plan, runtime, dense):
-        seen.append(measured(sum(layer.choice.latency_ms for layer in plan.layers), len(seen) + 1))
-        return seen[-1]
-
-    monkeypatch.setattr(budget_module, "time_interleaved", _stub_layer_ms)
-    monkeypatch.setattr(budget_module, "_measure_latency", whole)
+    seen = _stub_latencies(monkeypatch, measured)
     model = copy.deepcopy(resnet20)
     snapshot = _snapshot(model)
     if refused is not None:
@@ -434,14 +442,7 @@ def test_latency_budget_the_layers_call_unreachable_is_measured_as_a_whole_first
     model runs ``gap`` ms off what its layers add up to. 2 ms faster (4.5 ms with every layer fastest): 5 ms is
     planned and met as measured, 4 ms refused naming the measured 4.5 ms. 1 ms slower: refused naming the layers'
     6.5 ms (a slow whole does not make other plans slower). The model unchanged."""
-    seen: list[float] = []
-
-    def whole(model, example, plan, runtime, dense):
-        seen.append(2.0 + gap + sum(layer.choice.latency_ms for layer in plan.layers))
-        return seen[-1]
-
-    monkeypatch.setattr(budget_module, "time_interleaved", _stub_layer_ms)
-    monkeypatch.setattr(budget_module, "_measure_latency", whole)
+    seen = _stub_latencies(monkeypatch, lambda layers: 2.0 + gap + layers)
     model = copy.deepcopy(resnet20)
     snapshot = _snapshot(model)
     if refused is not None:
