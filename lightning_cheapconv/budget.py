@@ -248,18 +248,21 @@ class BudgetPlan:
             cells.append(f"{math.sqrt(choice.sensitivity):.3g}")
             table.add_row(*cells, style="dim" if choice.method == "dense" else None)
         table.add_section()
-        for key in BUDGETS:
-            if key in self.before:
-                asked = self.budgets.get(key)
-                limit = "" if asked is None else (f" (budget {asked:g} ms)" if key == "latency_ms" else f" ({asked:g})")
+        columns = [key for key in BUDGETS if key in self.before]  # the totals, each under its own column
+        for key in columns:
+            asked = self.budgets.get(key)
+            limit = "" if asked is None else (f" (budget {asked:.4g} ms)" if key == "latency_ms" else f" ({asked:g})")
+            if key == "latency_ms":
                 measured = "" if self.measured_latency_ms is None else f", {self.measured_latency_ms:.3g} measured"
+                value = f"{self.before[key]:.3g} → {self.total(key):.3g} ms predicted{measured}{limit}"
+            else:
                 value = (
-                    f"{self.before[key]:.3g} → {self.total(key):.3g} ms{measured}{limit}"
-                    if key == "latency_ms"
-                    else f"{format_count(self.before[key])} → {format_count(self.total(key))}: "
+                    f"{format_count(self.before[key])} → {format_count(self.total(key))}: "
                     f"{self.fraction(key):.3f}{limit}"
                 )
-                table.add_row(f"total {key}", "", value, style="bold")
+            cells = [f"total {key}", "", *("" for _ in columns), ""]
+            cells[2 + columns.index(key)] = value
+            table.add_row(*cells, style="bold")
         return table
 
     def _caption(self) -> str:
@@ -884,16 +887,19 @@ def _allocate(plan: BudgetPlan, owner: str) -> None:
         if lowest > limit:
             reachable = _describe(key, lowest, plan.before[key])
             floor = lowest if key == "latency_ms" else lowest / plan.before[key]
+            multiple = (
+                f" whose new channel counts are multiples of channel_multiple={plan.channel_multiple}"
+                if plan.channel_multiple != 1
+                else ""
+            )
+            why = (
+                f"no planned layer has a candidate other than dense{multiple}"
+                if all(len(layer.candidates) == 1 for layer in plan.layers)
+                else f"every planned layer at its cheapest candidate{multiple}"
+            )
             raise ValueError(
                 f"{owner}: {key}={plan.budgets[key]:g} cannot be met: the smallest reachable value is {reachable} "
-                f"(every planned layer at its cheapest candidate"
-                + (
-                    f" whose new channel counts are multiples of channel_multiple={plan.channel_multiple}"
-                    if plan.channel_multiple != 1
-                    else ""
-                )
-                + f"); valid range is {floor:.4g} <= {key}"
-                + ("" if key == "latency_ms" else " <= 1")
+                f"({why}); valid range is {floor:.4g} <= {key}" + ("" if key == "latency_ms" else " <= 1")
             )
     totals = {key: plan.total(key) for key in limits}
     # Descent: the step with the least rise in sensitivity per unit of the excess it removes.

@@ -10,6 +10,9 @@ states the valid range, prefixed by ``owner`` when given::
     >>> check_int("ratio", 1, 2, owner="convert_to_ghost")
     Traceback (most recent call last):
     ValueError: convert_to_ghost: ratio=1 is out of range; valid range is >= 2 (an int)
+    >>> check_int("ratio", 2.0, 2)
+    Traceback (most recent call last):
+    ValueError: ratio=2.0 is not an int; valid range is >= 2 (an int), got a float
     >>> check_bool("skip_first", "yes")
     Traceback (most recent call last):
     ValueError: skip_first='yes' is not a bool; valid values are True and False
@@ -63,6 +66,14 @@ def is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _type_name(value: Any) -> str:
+    """``a float``, ``a bool``, ``a str``, ``None``: the type of a value that is not the one expected."""
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
 def _bounds(minimum: float | None, maximum: float | None) -> str:
     if minimum is not None and maximum is not None:
         return f"{minimum}..{maximum}"
@@ -95,11 +106,9 @@ def check_int(
     valid = is_int(value) and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
     if not valid or (odd and value % 2 == 0):
         kind = "an odd int" if odd else "an int"
-        _raise(
-            error,
-            owner,
-            f"{name}={short_repr(value)} is out of range; valid range is {_bounds(minimum, maximum)} ({kind})",
-        )
+        problem, got = ("is out of range", "") if is_int(value) else ("is not an int", f", got {_type_name(value)}")
+        bounds = _bounds(minimum, maximum)
+        _raise(error, owner, f"{name}={short_repr(value)} {problem}; valid range is {bounds} ({kind}){got}")
     return int(value)
 
 
@@ -115,13 +124,15 @@ def check_int_pair(
     """``(h, w)`` from an int or a pair of ints, each in ``minimum..maximum`` (``maximum`` optional): a kernel size,
     a stride."""
     pair = (value, value) if is_int(value) else value
-    valid = isinstance(pair, Sequence) and len(pair) == 2 and all(is_int(v) and v >= minimum for v in pair)
-    if not valid or (maximum is not None and max(pair) > maximum):
+    typed = isinstance(pair, Sequence) and len(pair) == 2 and all(is_int(v) for v in pair)
+    if not typed or min(pair) < minimum or (maximum is not None and max(pair) > maximum):
         bounds = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+        problem = "is out of range" if typed else "is not an int or a pair of ints"
+        got = "" if typed else f", got {_type_name(value)}"
         _raise(
             error,
             owner,
-            f"{name}={short_repr(value)} is out of range; each side must be {bounds} (an int, or a pair of ints)",
+            f"{name}={short_repr(value)} {problem}; each side must be {bounds} (an int, or a pair of ints){got}",
         )
     return (int(pair[0]), int(pair[1]))
 
@@ -138,7 +149,8 @@ def check_finite_number(
 ) -> float:
     """``float(value)`` for a finite real, non-bool ``value`` within the bounds (``exclusive_minimum`` makes the
     lower one strict: ``(0, 1]``)."""
-    valid = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    valid = number and math.isfinite(value)
     if valid and minimum is not None:
         valid = value > minimum if exclusive_minimum else value >= minimum
     if valid and maximum is not None:
@@ -150,7 +162,8 @@ def check_finite_number(
             bounds = f"{'>' if exclusive_minimum else '>='} {minimum}"
         else:
             bounds = _bounds(None, maximum)
-        _raise(error, owner, f"{name}={short_repr(value)} is out of range; valid range is {bounds} (a finite number)")
+        problem, got = ("is out of range", "") if number else ("is not a number", f", got {_type_name(value)}")
+        _raise(error, owner, f"{name}={short_repr(value)} {problem}; valid range is {bounds} (a finite number){got}")
     return float(value)
 
 

@@ -183,7 +183,7 @@ def test_failure_while_converting_leaves_the_model_unchanged(resnet20: nn.Module
     [
         ({"macs": 0}, r"macs=0 is out of range; valid range is \(0, 1\]"),
         ({"macs": 1.5}, r"macs=1\.5 is out of range; valid range is \(0, 1\]"),
-        ({"params": "half"}, r"params='half' is out of range"),
+        ({"params": "half"}, r"params='half' is not a number"),
         ({"latency_ms": -1.0}, r"latency_ms=-1\.0 is out of range; valid range is > 0"),
         ({}, r"no budget given; pass at least one of macs"),
         ({"macs": 0.5, "methods": ()}, r"methods=\(\) is not valid"),
@@ -197,8 +197,8 @@ def test_failure_while_converting_leaves_the_model_unchanged(resnet20: nn.Module
         ),
         ({"macs": 0.5, "include": "nothing.*"}, r"no layer can be planned"),
         ({"macs": 0.5, "channel_multiple": 0}, r"channel_multiple=0 is out of range; valid range is >= 1"),
-        ({"macs": 0.5, "channel_multiple": 8.0}, r"channel_multiple=8\.0 is out of range"),
-        ({"macs": 0.5, "channel_multiple": True}, r"channel_multiple=True is out of range"),
+        ({"macs": 0.5, "channel_multiple": 8.0}, r"channel_multiple=8\.0 is not an int"),
+        ({"macs": 0.5, "channel_multiple": True}, r"channel_multiple=True is not an int"),
         (
             {"latency_ms": 5.0, "latency_runtime": "tensorrt"},
             r"latency_runtime='tensorrt' is not valid; valid values are 'pytorch' and 'onnxruntime'",
@@ -257,7 +257,7 @@ def test_channel_multiple_keeps_the_candidates_whose_new_channel_counts_are_its_
         "wide": ["dense", *(f"ghost s={s}" for s in ghost_wide), *_structured_labels(hidden)],
     }
     assert plan.channel_multiple == multiple
-    assert ("multiples of 16 (channel_multiple)" in str(plan)) == (multiple == 16)
+    assert ("multiples of 16 (channel_multiple)" in " ".join(str(plan).split())) == (multiple == 16)  # caption wraps
 
 
 def test_channel_multiple_raises_the_smallest_reachable_budget_and_says_why() -> None:
@@ -273,6 +273,15 @@ def test_channel_multiple_raises_the_smallest_reachable_budget_and_says_why() ->
         compress_to_budget(model, _images(1, 8), macs=0.3, channel_multiple=16)
     assert f"the smallest reachable value is {cheapest / dense:.4f} of the original MACs" in str(raised.value)
     assert "whose new channel counts are multiples of channel_multiple=16" in str(raised.value)
+    assert "every planned layer at its cheapest candidate" in str(raised.value)
+    _assert_unchanged(model, snapshot)
+    # Ghost only with 64: neither layer keeps a Ghost ratio (16 / s and 48 / s are never multiples of 64).
+    with pytest.raises(ValueError) as raised:
+        compress_to_budget(model, _images(1, 8), macs=0.3, methods="ghost", channel_multiple=64)
+    assert (
+        "the smallest reachable value is 1.0000 of the original MACs (no planned layer has a candidate other "
+        "than dense whose new channel counts are multiples of channel_multiple=64)" in str(raised.value)
+    )
     _assert_unchanged(model, snapshot)
     compress_to_budget(model, _images(1, 8), macs=0.3, channel_multiple=1, calibration=_images(4, 8))  # reachable
 
@@ -429,7 +438,8 @@ def test_latency_plan_measured_as_a_whole_and_allocated_again_while_over(
     assert len(seen) == rounds and plan.measured_latency_ms == seen[-1] <= 12.0
     assert plan.fixed["latency_ms"] == pytest.approx(2.0 + (3.0 if rounds == 2 else 0.0))
     assert plan.total("latency_ms") == pytest.approx(plan.measured_latency_ms)  # the prediction now includes the gap
-    assert ", " + f"{plan.measured_latency_ms:.3g} measured" in str(plan)
+    predicted, measured = plan.total("latency_ms"), plan.measured_latency_ms
+    assert f"20 → {predicted:.3g} ms predicted, {measured:.3g} measured (budget 12 ms)" in str(plan)
 
 
 @pytest.mark.parametrize(

@@ -484,7 +484,7 @@ def test_decompose_structured_counts_grouped_layers_per_group() -> None:
     "call,match",
     [
         (lambda m: count_complexity("resnet18", (1, 3, 8, 8)), "count_complexity: model must be a Module, got str"),
-        (lambda m: count_complexity(m, (1, 3, 8.0, 8)), r"input_shape\[2\]=8.0 is out of range; valid range is >= 1"),
+        (lambda m: count_complexity(m, (1, 3, 8.0, 8)), r"input_shape\[2\]=8.0 is not an int; valid range is >= 1"),
         (lambda m: count_complexity(m, (1, 3, 0, 8)), r"input_shape\[2\]=0 is out of range"),
         (lambda m: count_complexity(m, ()), r"input_shape=\(\) is not valid; valid values are non-empty sequences"),
         (lambda m: count_complexity(m, 224), "input_shape=224 is not valid"),
@@ -494,7 +494,7 @@ def test_decompose_structured_counts_grouped_layers_per_group() -> None:
         ),
         (lambda m: count_complexity(m, (1, 3, 8, 8), leaf_types=("Conv2d",)), "leaf_types=.*must be module classes"),
         (lambda m: format_count(1234, digits=0), "format_count: digits=0 is out of range; valid range is >= 1"),
-        (lambda m: format_count("1234"), "format_count: n='1234' is out of range"),
+        (lambda m: format_count("1234"), "format_count: n='1234' is not a number"),
         (lambda m: compression_ratios(None, None), "compression_ratios: before must be a Complexity, got NoneType"),
     ],
 )

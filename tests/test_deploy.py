@@ -726,3 +726,13 @@ def test_console_script_is_declared_and_runs(tmp_path):
         timeout=120,
     )
     assert result.returncode == 2 and "no such file" in result.stderr
+
+
+def test_latency_summarizes_its_samples() -> None:
+    """Median and interquartile range over the median (quartiles 0.9 and 1.2 around a median of 1.0: 30%); the repr
+    says them instead of listing every sample."""
+    latency = Latency((1.0, 1.2, 0.9))
+    assert latency.median_ms == 1.0 and latency.min_ms == 0.9
+    assert latency.spread == pytest.approx(0.3)
+    assert repr(latency) == "Latency(median 1 ms, IQR 30%, 3 samples)"
+    assert repr(Latency((15.234,))) == "Latency(median 15.23 ms, IQR 0%, 1 sample)"

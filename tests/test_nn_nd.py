@@ -486,7 +486,9 @@ def test_check_conv_args_keeps_the_2d_rules():
         "zeros",
     )
     assert check_conv_args("c", 4, 8, [3], 2, "valid", 1, 2, False, "zeros", dims=1).kernel_size == (3,)
-    with pytest.raises(ValueError, match=r"c: kernel_size=\(3, 3, 3\) is out of range; each side must be in 1\.\."):
+    with pytest.raises(
+        ValueError, match=r"c: kernel_size=\(3, 3, 3\) is not an int or a pair of ints; each side must be in 1\.\."
+    ):
         check_conv_args("c", 4, 8, (3, 3, 3), 1, 1, 1, 1, True, "zeros")
 
 

@@ -646,7 +646,10 @@ def test_build_from_record_errors():
         (lambda: StructuredConv2d(4, 4, 0), r"kernel_size=0 is out of range; each side must be in 1\.\."),
         (lambda: StructuredConv2d(4, 4, 3, padding_mode="mirror"), "padding_mode='mirror' is not valid; valid values"),
         (lambda: StructuredConv2d(4, 4, 3, stride=2, padding="same"), "padding='same' needs stride 1"),
-        (lambda: StructuredConv2d(4, 4, (1, 2, 3)), r"kernel_size=\(1, 2, 3\) is out of range; .*a pair of ints"),
+        (
+            lambda: StructuredConv2d(4, 4, (1, 2, 3)),
+            r"kernel_size=\(1, 2, 3\) is not an int or a pair of ints; .*a pair of ints",
+        ),
         (lambda: StructuredConv2d.from_dense(nn.Linear(4, 4)), "expects an initialized nn.Conv2d, got Linear"),
         (lambda: StructuredConv2d.from_dense(nn.LazyConv2d(4, 3)), "expects an initialized nn.Conv2d"),
         (lambda: StructuredLinear(4, 2, hidden_features=5), r"channels \(c\)=5.*1\.\.4"),

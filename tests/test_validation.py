@@ -63,8 +63,14 @@ def test_accepted_values_come_back_normalized(call, expected):
         ),
         (lambda **kw: check_bool("skip_first", 1, **kw), "skip_first=1 is not a bool; valid values are True and False"),
         (lambda **kw: check_int("ratio", 1, 2, **kw), "ratio=1 is out of range; valid range is >= 2 (an int)"),
-        (lambda **kw: check_int("ratio", 2.0, 2, **kw), "ratio=2.0 is out of range; valid range is >= 2 (an int)"),
-        (lambda **kw: check_int("ratio", True, 1, **kw), "ratio=True is out of range; valid range is >= 1 (an int)"),
+        (
+            lambda **kw: check_int("ratio", 2.0, 2, **kw),
+            "ratio=2.0 is not an int; valid range is >= 2 (an int), got a float",
+        ),
+        (
+            lambda **kw: check_int("ratio", True, 1, **kw),
+            "ratio=True is not an int; valid range is >= 1 (an int), got a bool",
+        ),
         (lambda **kw: check_int("n", 9, 1, 8, **kw), "n=9 is out of range; valid range is 1..8 (an int)"),
         (lambda **kw: check_int("n", 9, maximum=8, **kw), "n=9 is out of range; valid range is <= 8 (an int)"),
         (
@@ -73,9 +79,14 @@ def test_accepted_values_come_back_normalized(call, expected):
         ),
         (
             lambda **kw: check_int_pair("kernel_size", 2.0, **kw),
-            "kernel_size=2.0 is out of range; each side must be >= 1 (an int, or a pair of ints)",
+            "kernel_size=2.0 is not an int or a pair of ints; each side must be >= 1 (an int, or a pair of ints), "
+            "got a float",
         ),
-        (lambda **kw: check_int_pair("kernel_size", (1, 2, 3), **kw), "kernel_size=(1, 2, 3) is out of range"),
+        (
+            lambda **kw: check_int_pair("kernel_size", (1, 2, 3), **kw),
+            "kernel_size=(1, 2, 3) is not an int or a pair of ints; each side must be >= 1 (an int, or a pair of "
+            "ints), got a tuple",
+        ),
         (lambda **kw: check_int_pair("kernel_size", (0, 2), **kw), "kernel_size=(0, 2) is out of range"),
         (
             lambda **kw: check_int_pair("stride", (1, 9), 1, 8, **kw),
@@ -98,8 +109,14 @@ def test_accepted_values_come_back_normalized(call, expected):
             "eps=0.0 is out of range; valid range is > 0 (a finite number)",
         ),
         (lambda **kw: check_finite_number("x", float("inf"), **kw), "x=inf is out of range"),
-        (lambda **kw: check_finite_number("x", True, **kw), "x=True is out of range"),
-        (lambda **kw: check_finite_number("x", "0.5", **kw), "x='0.5' is out of range"),
+        (
+            lambda **kw: check_finite_number("x", True, **kw),
+            "x=True is not a number; valid range is unbounded (a finite number), got a bool",
+        ),
+        (
+            lambda **kw: check_finite_number("x", "0.5", **kw),
+            "x='0.5' is not a number; valid range is unbounded (a finite number), got a str",
+        ),
         (
             lambda **kw: check_choice("init", "kaiming", ("inherit", "random"), **kw),
             "init='kaiming' is not valid; valid values are 'inherit' and 'random'",

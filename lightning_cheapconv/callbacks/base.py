@@ -681,7 +681,7 @@ class CheapConvCallback(Callback):
                 if changed:
                     rank_zero_warn(
                         f"{type(self).__name__}: {self._evaluating} runs {made_for}methods={saved_methods}, as the "
-                        f"checkpoint's layers are; this callback's {asks} apply when it fits."
+                        f"checkpoint's layers are; this callback's {asks} apply to its next trainer.fit."
                     )
             elif self._trainer is not None and self.plan:
                 self._apply_choices(self._trainer.lightning_module, choices)  # the plan of the run that saved it

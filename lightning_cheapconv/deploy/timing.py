@@ -22,14 +22,17 @@ def _sync(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Latency:
-    """Per-call latency samples of one candidate, in milliseconds.
+    """Per-call latency samples of one candidate, in milliseconds; its repr summarizes them (``samples_ms`` holds
+    every one).
 
     Example::
 
         >>> Latency((1.0, 1.2, 0.9)).median_ms
         1.0
+        >>> Latency((1.0, 1.2, 0.9))
+        Latency(median 1 ms, IQR 30%, 3 samples)
     """
 
     samples_ms: tuple[float, ...]
@@ -51,6 +54,10 @@ class Latency:
             return 0.0
         q = statistics.quantiles(self.samples_ms, n=4)
         return (q[2] - q[0]) / self.median_ms if self.median_ms > 0 else 0.0
+
+    def __repr__(self) -> str:
+        count = len(self.samples_ms)
+        return f"Latency(median {self.median_ms:.4g} ms, IQR {self.spread:.0%}, {count} sample{'s' * (count != 1)})"
 
 
 def time_interleaved(
