@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> Section:
     x = torch.randn(BATCH, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     # The dense model as each planner measures it: a plan with an unbounded budget keeps every layer dense and
     # records its whole-model time. The budgets are fractions of it (a separate measurement drifted by 20% here).
-    # Each is taken twice and the second kept: the process's first eager measurement ran 1.6x slow (cold).
+    # Each is taken twice and the second kept (the first eager one once ran 1.6x the planner's later one; but
+    # eager times of this model seconds apart ranged 20-27 ms on this shared machine: noise, not only a cold start).
     planner_ms = {
         runtime: [
             plan_budget(dense, x, latency_ms=1e9, latency_runtime=runtime, calibration=x).before["latency_ms"]
