@@ -678,6 +678,7 @@ class CheapConvCallback(Callback):
             made_for = f"the checkpoint's budget plan, made for {_budget_arguments(saved_budgets, saved_options)}, "
             asks = f"{self._budget_arguments()}, methods={methods}"
             if self._evaluating is not None:
+                self.budget_plan = choices  # the plan evaluated (the next fit's setup starts it afresh)
                 if changed:
                     rank_zero_warn(
                         f"{type(self).__name__}: {self._evaluating} runs {made_for}methods={saved_methods}, as the "

@@ -82,7 +82,8 @@ class GhostConvCallback(CheapConvCallback):
             :func:`lightning_cheapconv.plan_budget` (``methods=("ghost",)``, among the selected layers; layers the plan
             keeps dense are skipped) when the first stage starts, on the first recorded training batch (so the first
             stage runs on a training batch, not in setup), on rank 0, and broadcast; the plan (:attr:`budget_plan`)
-            lives in the callback state, so a resumed run continues with it. A budget that cannot be met is refused,
+            lives in the callback state, so a resumed run continues with it (after ``validate``/``test``/``predict``
+            with a ``ckpt_path``, it is the checkpoint's plan). A budget that cannot be met is refused,
             naming the smallest reachable value, before anything changes: at setup when ``example_input_array`` is set,
             else after the first training batch (MACs/params; a latency budget at the first stage).
         channel_multiple: with a budget, plan only Ghost modules whose intrinsic maps ``ceil(C_out / s)`` are a

@@ -93,7 +93,8 @@ class StructuredConvCallback(ProjectedLayers):
             (``methods=("structured",)``, among the selected layers; layers the plan keeps dense are skipped) after the
             first training batch, on its recorded input (regularization, the first phase, needs each layer's structure;
             that first step is not regularized), on rank 0, and broadcast; the plan (:attr:`budget_plan`) lives in the
-            callback state, so a resumed run continues with it. A budget that cannot be met is refused, naming the
+            callback state, so a resumed run continues with it (after ``validate``/``test``/``predict`` with a
+            ``ckpt_path``, it is the checkpoint's plan). A budget that cannot be met is refused, naming the
             smallest reachable value, before anything changes: at setup when ``example_input_array`` is set, else after
             the first training batch.
         channel_multiple: with a budget, plan only hidden channel counts ``c`` that are a multiple of it (or ``C``
