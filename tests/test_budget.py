@@ -248,13 +248,22 @@ def _structured_labels(channels: list[int]) -> list[str]:
 def test_channel_multiple_keeps_the_candidates_whose_new_channel_counts_are_its_multiples(
     multiple: int, ghost_narrow: list[int], ghost_wide: list[int], hidden: list[int]
 ) -> None:
+    """Ghost-only plans try every ratio; where a layer may also be structured, Ghost s = 2 only
+    (MIXED_GHOST_RATIOS)."""
     torch.manual_seed(0)
     model = _Narrow()
     plan = plan_budget(model, _images(1, 8), macs=0.9, channel_multiple=multiple, calibration=_images(4, 8))
     candidates = {layer.name: [c.label for c in layer.candidates] for layer in plan.layers}
     assert candidates == {
-        "narrow": ["dense", *(f"ghost s={s}" for s in ghost_narrow), *_structured_labels(hidden)],
-        "wide": ["dense", *(f"ghost s={s}" for s in ghost_wide), *_structured_labels(hidden)],
+        "narrow": ["dense", *(f"ghost s={s}" for s in ghost_narrow if s == 2), *_structured_labels(hidden)],
+        "wide": ["dense", *(f"ghost s={s}" for s in ghost_wide if s == 2), *_structured_labels(hidden)],
+    }
+    ghost_only = plan_budget(
+        model, _images(1, 8), macs=0.9, methods="ghost", channel_multiple=multiple, calibration=_images(4, 8)
+    )
+    assert {layer.name: [c.label for c in layer.candidates] for layer in ghost_only.layers} == {
+        name: ["dense", *(f"ghost s={s}" for s in ratios)]
+        for name, ratios in (("narrow", ghost_narrow), ("wide", ghost_wide))
     }
     assert plan.channel_multiple == multiple
     assert ("multiples of 16 (channel_multiple)" in " ".join(str(plan).split())) == (multiple == 16)  # caption wraps
@@ -265,10 +274,11 @@ def test_channel_multiple_raises_the_smallest_reachable_budget_and_says_why() ->
     model = _Narrow()
     snapshot = _snapshot(model)
     # With channel_multiple=16: narrow (16 -> 16) at its cheapest is c=16 n=2x2, 16*16*4 MACs per position; wide
-    # (16 -> 48) at Ghost s=3: 16*16*9 + 16*2*9; the stem (3 -> 16, 3*16*9) is not planned. 8x8 positions each,
-    # and the classifier's 48*10.
+    # (16 -> 48) too, 48*16*4 (Ghost s=2's 24 intrinsic maps are not a multiple of 16; s=3 is not tried where the
+    # layer may be structured); the stem (3 -> 16, 3*16*9) is not planned. 8x8 positions each, and the classifier's
+    # 48*10.
     dense = 64 * (3 * 16 * 9 + 16 * 16 * 9 + 16 * 48 * 9) + 480
-    cheapest = 64 * (3 * 16 * 9 + 16 * 16 * 4 + 16 * 16 * 9 + 16 * 2 * 9) + 480
+    cheapest = 64 * (3 * 16 * 9 + 16 * 16 * 4 + 48 * 16 * 4) + 480
     with pytest.raises(ValueError) as raised:
         compress_to_budget(model, _images(1, 8), macs=0.3, channel_multiple=16)
     assert f"the smallest reachable value is {cheapest / dense:.4f} of the original MACs" in str(raised.value)
@@ -311,7 +321,7 @@ def test_latency_budget_with_a_stubbed_timer(resnet20: nn.Module, monkeypatch) -
     monkeypatch.setattr(budget_module, "time_interleaved", fake_timer)
     monkeypatch.setattr(budget_module, "_measure_latency", _layers_add_up)
     model = copy.deepcopy(resnet20)
-    plan = plan_budget(model, _images(1, 32), latency_ms=12.0, calibration=_images(2, 32))
+    plan = plan_budget(model, _images(1, 32), latency_ms=12.0, calibration=_images(2, 32), methods="ghost")
     assert plan.before["latency_ms"] == 20.0 and plan.fixed["latency_ms"] == pytest.approx(2.0)
     assert 12.0 - 0.5 <= plan.total("latency_ms") <= 12.0  # granularity: the cheapest step saves 0.2 ms
     assert ["model"] in calls and all("dense" in labels for labels in calls if labels != ["model"])
@@ -320,7 +330,7 @@ def test_latency_budget_with_a_stubbed_timer(resnet20: nn.Module, monkeypatch) -
     chosen = [layer.choice for layer in plan.layers]
     assert all(c.latency_ms is not None for c in chosen) and any(c.method != "dense" for c in chosen)
 
-    both = plan_budget(model, _images(1, 32), latency_ms=12.0, macs=0.45, calibration=_images(2, 32))
+    both = plan_budget(model, _images(1, 32), latency_ms=12.0, macs=0.45, calibration=_images(2, 32), methods="ghost")
     assert both.total("latency_ms") <= 12.0 and both.fraction("macs") <= 0.45
 
 
@@ -429,12 +439,12 @@ def test_latency_plan_measured_as_a_whole_and_allocated_again_while_over(
     snapshot = _snapshot(model)
     if refused is not None:
         with pytest.warns(UserWarning, match=rf"latency_ms=12 {refused}: the planned model ran in 13 ms as a whole"):
-            plan = plan_budget(model, _images(1, 32), latency_ms=12.0, calibration=_images(2, 32))
+            plan = plan_budget(model, _images(1, 32), latency_ms=12.0, calibration=_images(2, 32), methods="ghost")
         _assert_unchanged(model, snapshot)
         assert len(seen) == budget_module.LATENCY_ROUNDS == rounds and plan.measured_latency_ms == 13.0
         assert plan.fixed["latency_ms"] > 2.0 + 1.0  # each round added its gap
         return
-    plan = plan_budget(model, _images(1, 32), latency_ms=12.0, calibration=_images(2, 32))
+    plan = plan_budget(model, _images(1, 32), latency_ms=12.0, calibration=_images(2, 32), methods="ghost")
     assert len(seen) == rounds and plan.measured_latency_ms == seen[-1] <= 12.0
     assert plan.fixed["latency_ms"] == pytest.approx(2.0 + (3.0 if rounds == 2 else 0.0))
     assert plan.total("latency_ms") == pytest.approx(plan.measured_latency_ms)  # the prediction now includes the gap
@@ -457,13 +467,13 @@ def test_latency_budget_the_layers_call_unreachable_is_measured_as_a_whole_first
     snapshot = _snapshot(model)
     if refused is not None:
         with pytest.raises(ValueError, match=rf"latency_ms={asked:g} cannot be met: the smallest reachable value is "):
-            compress_to_budget(model, _images(1, 32), latency_ms=asked, calibration=_images(2, 32))
+            compress_to_budget(model, _images(1, 32), latency_ms=asked, calibration=_images(2, 32), methods="ghost")
         _assert_unchanged(model, snapshot)
         assert seen == [6.5 + gap]  # the fastest plan, measured once
         with pytest.raises(ValueError, match=rf"the smallest reachable value is {refused} ms"):
-            plan_budget(model, _images(1, 32), latency_ms=asked, calibration=_images(2, 32))
+            plan_budget(model, _images(1, 32), latency_ms=asked, calibration=_images(2, 32), methods="ghost")
         return
-    plan = plan_budget(model, _images(1, 32), latency_ms=asked, calibration=_images(2, 32))
+    plan = plan_budget(model, _images(1, 32), latency_ms=asked, calibration=_images(2, 32), methods="ghost")
     assert seen[0] == 4.5 and plan.fixed["latency_ms"] == pytest.approx(0.0)
     assert plan.measured_latency_ms == seen[-1] <= asked and len(seen) == 2
 

@@ -26,7 +26,8 @@ class BudgetConvCallback(ProjectedLayers, GhostConvCallback):
 
     When the first stage starts, :func:`lightning_cheapconv.plan_budget` plans the layers on the first recorded
     training batch (rank 0; the plan is broadcast and kept in the callback state, so a resumed run continues with
-    it): candidates per layer are dense, Ghost with ``s`` in {2, 3, 4} (``d = 3``) and structured ``(c, n)`` on a grid;
+    it): candidates per layer are dense, Ghost with ``s = 2`` (``d = 3``; ``s`` in {2, 3, 4} with
+    ``methods="ghost"``: :data:`~lightning_cheapconv.budget.MIXED_GHOST_RATIOS`) and structured ``(c, n)`` on a grid;
     each is costed (MACs, parameters, and with ``target_latency_ms`` its measured latency) and scored (its squared
     relative output error on the batch), and a greedy multiple-choice knapsack meets every budget given (see
     :mod:`lightning_cheapconv.budget`). The layers then convert in one step per stage: Ghost layers as
