@@ -54,9 +54,10 @@ class BudgetConvCallback(ProjectedLayers, GhostConvCallback):
             ``example_input_array`` is set, else after the first training batch (MACs/params; a latency budget at the
             first stage).
         methods: what a layer may become: ``("ghost", "structured")`` (default), or one of them. The plan's scores
-            are output errors right after conversion and do not see that converted Ghost layers fine-tune worse
-            than projected structured ones: on the digits benchmark (BENCHMARKS.md, table 3b) ``"structured"``
-            alone ended more accurate than the mix at most budgets; allow ``"ghost"`` where your runtime runs
+            are output errors right after conversion and do not see that Ghost modules with ``s >= 3`` fine-tune
+            far worse than projected structured layers, so a layer that may be either is offered Ghost ``s = 2``
+            only (:data:`~lightning_cheapconv.budget.MIXED_GHOST_RATIOS`; on the digits benchmark, BENCHMARKS.md
+            table 3b, the mix then ties ``"structured"`` alone); allow ``"ghost"`` alone where your runtime runs
             Ghost modules fastest (a ``target_latency_ms`` plan then weighs their measured latency).
         channel_multiple: plan only candidates whose new channel counts (structured ``c``, unless ``c = C``; Ghost
             intrinsic maps) are multiples of it (an int >= 1; 1 = the whole grid): 16 suits ONNX Runtime on AVX-512
