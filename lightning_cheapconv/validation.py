@@ -66,12 +66,14 @@ def is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _type_name(value: Any) -> str:
-    """``a float``, ``a bool``, ``a str``, ``None``: the type of a value that is not the one expected."""
-    if value is None:
-        return "None"
+def _problem(typed: bool, value: Any, expected: str) -> tuple[str, str]:
+    """What is wrong with ``value`` and the message's tail: out of range where its type is right (``typed``), else
+    not ``expected`` and, after the valid range, the type it has (``a float``, ``a bool``, ``None``)."""
+    if typed:
+        return "is out of range", ""
     name = type(value).__name__
-    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+    got = "None" if value is None else f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+    return f"is not {expected}", f", got {got}"
 
 
 def _bounds(minimum: float | None, maximum: float | None) -> str:
@@ -106,7 +108,7 @@ def check_int(
     valid = is_int(value) and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
     if not valid or (odd and value % 2 == 0):
         kind = "an odd int" if odd else "an int"
-        problem, got = ("is out of range", "") if is_int(value) else ("is not an int", f", got {_type_name(value)}")
+        problem, got = _problem(is_int(value), value, "an int")
         bounds = _bounds(minimum, maximum)
         _raise(error, owner, f"{name}={short_repr(value)} {problem}; valid range is {bounds} ({kind}){got}")
     return int(value)
@@ -127,8 +129,7 @@ def check_int_pair(
     typed = isinstance(pair, Sequence) and len(pair) == 2 and all(is_int(v) for v in pair)
     if not typed or min(pair) < minimum or (maximum is not None and max(pair) > maximum):
         bounds = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
-        problem = "is out of range" if typed else "is not an int or a pair of ints"
-        got = "" if typed else f", got {_type_name(value)}"
+        problem, got = _problem(typed, value, "an int or a pair of ints")
         _raise(
             error,
             owner,
@@ -162,7 +163,7 @@ def check_finite_number(
             bounds = f"{'>' if exclusive_minimum else '>='} {minimum}"
         else:
             bounds = _bounds(None, maximum)
-        problem, got = ("is out of range", "") if number else ("is not a number", f", got {_type_name(value)}")
+        problem, got = _problem(number, value, "a number")
         _raise(error, owner, f"{name}={short_repr(value)} {problem}; valid range is {bounds} (a finite number){got}")
     return float(value)
 
